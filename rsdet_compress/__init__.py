@@ -26,7 +26,7 @@ def __getattr__(name: str):
         from rsdet_compress.engine.trainer import train
         return train
     if name == "evaluate":
-        from rsdet_compress.engine.evaluator import evaluate
+        from rsdet_compress.engine.scorer import evaluate
         return evaluate
     if name == "predict":
         from rsdet_compress.engine.predictor import predict

@@ -1,6 +1,7 @@
 """The internal record type every reader produces: images with axis-aligned pixel boxes."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,8 @@ class BoxSanitizer:
                  where: str, difficult: bool = False) -> Box | None:
         if not 0 <= cls < self.num_classes:
             raise UserError(f"{where}: class id {cls} out of range 0..{self.num_classes - 1}")
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            raise UserError(f"{where}: non-finite box coordinate (nan or inf)")
         if x2 <= x1 or y2 <= y1:
             self.warnings["degenerate box skipped"] += 1
             return None

@@ -30,6 +30,9 @@ def read_coco(src: Path, classes: list[str] | None = None, max_bad_images: float
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a COCO object with images/annotations/categories, "
+                        f"got a JSON {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise UserError(f"{path}: field '{key}' missing or not a list")

@@ -1,0 +1,91 @@
+"""Foundation benchmark: prepare airbus-aircraft, train SkyNet and YOLOv8n on CPU, score on the held-out split.
+
+    python benchmarks/train_baselines.py                 # prepare + train + score both
+    python benchmarks/train_baselines.py --skip-train    # re-score existing weights
+
+Writes benchmarks/results/baselines.md and .json. Recipes: configs/airbus-*.yaml
+(fixed seed). The weights land in runs/baselines/<model>/weights/best.pt and
+are what the compression benchmarks start from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rsdet_compress.config import load_config
+from rsdet_compress.data.prepare import PrepareConfig, prepare
+from rsdet_compress.engine.scorer import evaluate
+from rsdet_compress.engine.trainer import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _prepare() -> Path:
+    cfg = load_config(REPO / "configs" / "airbus-prepare.yaml", PrepareConfig)
+    data_yaml = Path(cfg.out) / "data.yaml"
+    if not data_yaml.is_file():
+        print(prepare(cfg).format())
+    return data_yaml
+
+
+def _row(model: str, train_result: dict | None, weights: Path, data_yaml: Path) -> dict:
+    test = evaluate(weights, data_yaml, split="test")
+    return {
+        "model": model, "params": test["params"], "gflops": test["gflops"], "imgsz": test["imgsz"],
+        "test_map50": test["map50"], "test_map50_95": test["map50_95"],
+        "val_map50": train_result["final"]["map50"] if train_result else None,
+        "epochs": train_result["epochs_run"] if train_result else None,
+        "train_minutes": round(train_result["train_seconds"] / 60, 1) if train_result else None,
+        "test_images": test["images"], "images_per_second": round(test["images_per_second"], 2),
+        "weights": str(weights),
+    }
+
+
+def _markdown(rows: list[dict], command: str) -> str:
+    head = ("| model | params | GFLOPs | imgsz | mAP50 (test) | mAP50-95 (test) | epochs | train min "
+            "| inference img/s |\n|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['model']} | {r['params']:,} | {r['gflops']:.2f} | {r['imgsz']} | {r['test_map50']:.4f} "
+        f"| {r['test_map50_95']:.4f} | {r['epochs']} | {r['train_minutes']} | {r['images_per_second']} |\n"
+        for r in rows)
+    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+           "inference = batch 16 forward + NMS on the test chips (CPU)")
+    return f"# Baselines: airbus-aircraft, trained from scratch on CPU\n\n{head}{body}\n{env}\n\nCommand: `{command}`\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="yolov8n,skynet")
+    ap.add_argument("--skip-train", action="store_true", help="score existing runs/baselines weights")
+    args = ap.parse_args()
+    data_yaml = _prepare()
+    rows = []
+    for model in args.models.split(","):
+        cfg = load_config(REPO / "configs" / f"airbus-{model}.yaml", TrainConfig)
+        result = None
+        if not args.skip_train:
+            t0 = time.time()
+            result = train(cfg)
+            print(f"{model}: trained in {(time.time() - t0) / 60:.1f} min")
+        else:
+            metrics = Path(cfg.out) / "metrics.json"
+            result = json.loads(metrics.read_text()) if metrics.is_file() else None
+        weights = Path(cfg.out) / "weights" / "best.pt"
+        rows.append(_row(model, result, weights, data_yaml))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(["benchmarks/train_baselines.py", *sys.argv[1:]])
+    (RESULTS / "baselines.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / "baselines.md").write_text(_markdown(rows, command))
+    print(_markdown(rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

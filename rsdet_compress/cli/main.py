@@ -1,0 +1,175 @@
+"""``rsdet-compress`` command line: a thin layer over the public Python API.
+
+Bad input ends with one line ``error: ...`` on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from rsdet_compress.errors import UserError
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="convert a raw data set into tiled YOLO chips + COCO ground truth")
+    p.add_argument("--format", required=True, help="yolo | coco | airbus | dota | voc")
+    p.add_argument("--src", required=True, help="raw data set folder (absolute, or relative to $RSDET_DATA)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--config", help="YAML with any of the options below (flags win)")
+    p.add_argument("--tile", type=int)
+    p.add_argument("--overlap", type=float)
+    p.add_argument("--rescale", type=float)
+    p.add_argument("--min-visibility", type=float)
+    p.add_argument("--split", type=_floats, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--keep-empty", type=float, help="fraction of box-free train chips kept")
+    p.add_argument("--classes", help="file with one class name per line (fixes the class order)")
+    p.add_argument("--missing-labels", help="error (default) | empty")
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a detector (CPU or GPU) and score it with COCO mAP")
+    p.add_argument("--config", help="training recipe YAML (configs/...); flags win")
+    p.add_argument("--model", help="skynet | yolov8n | yolo11n")
+    p.add_argument("--data", help="dataset YAML from `data prepare`")
+    p.add_argument("--weights", help="local .pt to start from")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--time", type=float, help="wall-clock cap in hours")
+    p.add_argument("--imgsz", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--fraction", type=float)
+    p.add_argument("--out")
+    p.add_argument("--no-track", dest="track", action="store_false", default=None, help="no MLflow logging")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="COCO mAP, AP by size and class, params and GFLOPs")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--imgsz", type=int)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-track", dest="track", action="store_false", help="do not log to MLflow")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="detect objects, draw them, write COCO-style JSON")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--source", required=True, help="an image or a folder of images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--imgsz", type=int, help="inference size (default: from the image and the training scale)")
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rsdet-compress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
+    _add_prepare(data)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    sub.add_parser("models", help="list registered detectors")
+    return parser
+
+
+def _options(args: argparse.Namespace, *skip: str) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in {"command", "data_command", "config", *skip}}
+
+
+def _run_prepare(args) -> None:
+    from rsdet_compress.config import load_config, make_config
+    from rsdet_compress.data.prepare import PrepareConfig, prepare
+    opts = _options(args, "quiet")
+    cfg = load_config(args.config, PrepareConfig, **opts) if args.config else make_config(PrepareConfig, {}, **opts)
+    summary = prepare(cfg, progress=not args.quiet)
+    print(summary.format())
+    print(f"wrote {cfg.out}/data.yaml")
+
+
+def _run_train(args) -> None:
+    from rsdet_compress.config import load_config, make_config
+    from rsdet_compress.engine.trainer import TrainConfig, train
+    opts = _options(args)
+    cfg = load_config(args.config, TrainConfig, **opts) if args.config else make_config(TrainConfig, {}, **opts)
+    result = train(cfg)
+    f = result["final"]
+    print(f"weights: {result['weights']}  ({result['train_seconds']:.0f} s)")
+    print(f"val mAP50={f['map50']:.4f} mAP50-95={f['map50_95']:.4f} params={f['params']} GFLOPs={f['gflops']}")
+
+
+def _run_evaluate(args) -> None:
+    from rsdet_compress.engine.scorer import evaluate
+    from rsdet_compress.tracking.mlflow_tracker import Tracker
+    r = evaluate(args.weights, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, device=args.device)
+    tracker = Tracker(enabled=args.track)
+    with tracker.run(f"evaluate-{r['detector']}", params={"weights": args.weights, "data": args.data,
+                                                          "split": args.split, "imgsz": r["imgsz"]},
+                     tags={"stage": "evaluate"}):
+        tracker.log_metrics({k: v for k, v in r.items() if not isinstance(v, dict)})
+        tracker.log_dict(r, "evaluation.json")
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(f"{r['detector']} on {args.split} ({r['images']} images at {r['imgsz']} px)")
+    for k in ("map50", "map50_95", "ap_small", "ap_medium", "ap_large"):
+        v = r[k]
+        print(f"  {k:10} {'n/a' if v is None else f'{v:.4f}'}")
+    for name, ap in r["per_class"].items():
+        a50, a = ap["ap50"], ap["ap50_95"]
+        print(f"  AP {name:20} 50: {'n/a' if a50 is None else f'{a50:.4f}'}  "
+              f"50-95: {'n/a' if a is None else f'{a:.4f}'}")
+    print(f"  params {r['params']}  GFLOPs {r['gflops']}")
+
+
+def _run_predict(args) -> None:
+    from rsdet_compress.engine.predictor import predict
+    coco = predict(args.weights, args.source, args.out, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+                   device=args.device)
+    print(f"{len(coco['annotations'])} detections in {len(coco['images'])} image(s) -> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            _run_prepare(args)
+        elif args.command == "train":
+            _run_train(args)
+        elif args.command == "evaluate":
+            _run_evaluate(args)
+        elif args.command == "predict":
+            _run_predict(args)
+        elif args.command == "models":
+            from rsdet_compress.detectors.registry import list_detectors
+            print("\n".join(list_detectors()))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

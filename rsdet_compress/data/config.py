@@ -1,0 +1,77 @@
+"""The dataset YAML that ``data prepare`` writes (and ultralytics reads), checked up front.
+
+Checking here, before ultralytics sees it, turns "dataset not found, trying
+to download" into one line naming the file and the field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rsdet_compress.data.record import list_images
+from rsdet_compress.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """A validated dataset YAML: class names, image folder and COCO ground truth per split."""
+
+    yaml_path: Path
+    names: list[str]
+    images: dict[str, Path]
+    coco: dict[str, Path]
+    #: how the chips were made (tile, rescale...), as written by ``data prepare``.
+    prep: dict = field(default_factory=dict)
+
+    @property
+    def rescale(self) -> float:
+        return float(self.prep.get("rescale", 1.0))
+
+    def split_images(self, split: str) -> Path:
+        """Image folder of ``split``; an error naming the YAML field if it has none."""
+        if split not in self.images:
+            raise UserError(f"{self.yaml_path}: no '{split}' split")
+        folder = self.images[split]
+        if not folder.is_dir() or not list_images(folder):
+            raise UserError(f"{self.yaml_path}: field '{split}' points at {folder}, which has no images")
+        return folder
+
+    def split_coco(self, split: str) -> Path:
+        """COCO ground-truth JSON of ``split`` (written by ``data prepare``)."""
+        path = self.coco.get(split)
+        if path is None or not path.is_file():
+            raise UserError(f"{self.yaml_path}: no COCO ground truth for split '{split}' "
+                            "(prepare the data with `rsdet-compress data prepare`)")
+        return path
+
+
+def load_data_config(path: str | Path) -> DataConfig:
+    """Read and check a dataset YAML; paths are relative to the YAML (or its ``path:``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: dataset YAML not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping with 'names', 'train', 'val'")
+    names = data.get("names")
+    if isinstance(names, dict):
+        names = [str(names[k]) for k in sorted(names)]
+    if not isinstance(names, list) or not names:
+        raise UserError(f"{path}: field 'names' missing or empty")
+    root = Path(data.get("path") or path.parent)
+    if not root.is_absolute():
+        root = path.parent / root if data.get("path") else root
+    images = {s: root / data[s] for s in ("train", "val", "test") if data.get(s)}
+    for s in ("train", "val"):
+        if s not in images:
+            raise UserError(f"{path}: field '{s}' missing")
+    coco = {s: root / p for s, p in (data.get("coco") or {}).items()}
+    cfg = DataConfig(path, names, images, coco, data.get("rsdet") or {})
+    for s in ("train", "val"):
+        cfg.split_images(s)
+    return cfg

@@ -1,0 +1,132 @@
+"""One split's images, decoded and letterboxed once, for repeated evaluation.
+
+A compression search evaluates hundreds of candidate models on the same
+validation split. Decoding JPEGs and resizing them for every candidate would
+cost more than the forward passes on small detectors, so :class:`EvalSet`
+does it once and keeps a single uint8 tensor (N x 3 x imgsz x imgsz) plus what
+is needed to map predictions back to the original pixels.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+
+from rsdet_compress.errors import UserError
+
+PAD_VALUE = 114  # ultralytics' letterbox grey
+
+RatioPad = tuple[tuple[float, float], tuple[int, int]]  # ((gain_h, gain_w), (pad_left, pad_top))
+
+
+def letterbox(image: np.ndarray, imgsz: int, scale_up: bool = True) -> tuple[np.ndarray, RatioPad]:
+    """Resize ``image`` (H x W x 3) keeping its aspect ratio and pad it to ``imgsz`` x ``imgsz``.
+
+    Same geometry as ``ultralytics.data.augment.LetterBox(auto=False, center=True)``
+    (rounding of the resized size and of the padding included), so a model trained
+    with ultralytics sees the same pixels. Shrinking uses ``INTER_AREA`` like
+    ultralytics' validation loader; enlarging uses ``INTER_LINEAR``.
+
+    Returns the padded image and ``ratio_pad = ((gain_h, gain_w), (pad_left, pad_top))``
+    in the form ``ultralytics.utils.ops.scale_boxes`` takes. The gains are the exact
+    per-axis factors of the rounded resize, so boxes map back without drift.
+    """
+    h, w = image.shape[:2]
+    r = min(imgsz / h, imgsz / w)
+    if not scale_up:
+        r = min(r, 1.0)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    if (new_w, new_h) != (w, h):
+        interp = cv2.INTER_LINEAR if r > 1 else cv2.INTER_AREA
+        image = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    dw, dh = (imgsz - new_w) / 2, (imgsz - new_h) / 2
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                               value=(PAD_VALUE,) * 3)
+    return image, ((new_h / h, new_w / w), (left, top))
+
+
+def load_coco(coco_json: Path) -> COCO:
+    """Load a COCO ground-truth file with pycocotools, quietly; bad files raise UserError."""
+    coco_json = Path(coco_json)
+    try:
+        dataset = json.loads(coco_json.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{coco_json}: cannot read COCO JSON ({exc})") from exc
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise UserError(f"{coco_json}: missing list field {key!r}")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+@dataclass
+class EvalSet:
+    """Decoded, letterboxed images of one split plus their COCO ground truth.
+
+    Attributes:
+        coco: the ground truth (``pycocotools.coco.COCO``).
+        images: uint8 tensor N x 3 x imgsz x imgsz, RGB, letterboxed.
+        image_ids: COCO image id of each row of ``images``.
+        shapes: original (h, w) of each image.
+        ratio_pad: ``((gain_h, gain_w), (pad_left, pad_top))`` of each image.
+        imgsz: side of the square model input.
+        class_names: category names ordered by category id (class index i <-> ``category_ids[i]``).
+        category_ids: the sorted category ids.
+    """
+
+    coco: COCO
+    images: torch.Tensor
+    image_ids: list[int]
+    shapes: list[tuple[int, int]]
+    ratio_pad: list[RatioPad]
+    imgsz: int
+    class_names: list[str] = field(default_factory=list)
+    category_ids: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @classmethod
+    def from_coco(cls, coco_json: Path, image_dir: Path, imgsz: int,
+                  max_images: int | None = None, scale_up: bool = True) -> EvalSet:
+        """Decode and letterbox the images listed in ``coco_json`` (paths relative to ``image_dir``).
+
+        Images are taken in increasing id order; ``max_images`` keeps the first
+        ones (a quick proxy split for a search). ``scale_up=False`` never enlarges
+        images smaller than ``imgsz`` (they are only padded).
+        """
+        if imgsz <= 0:
+            raise ValueError(f"imgsz must be positive, got {imgsz}")
+        coco = load_coco(Path(coco_json))
+        image_dir = Path(image_dir)
+        ids = sorted(coco.getImgIds())
+        if max_images is not None:
+            ids = ids[:max(0, max_images)]
+        images = torch.empty((len(ids), 3, imgsz, imgsz), dtype=torch.uint8)
+        shapes: list[tuple[int, int]] = []
+        ratio_pad: list[RatioPad] = []
+        for row, image_id in enumerate(ids):
+            path = image_dir / coco.imgs[image_id]["file_name"]
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise UserError(f"{path}: unreadable image")
+            shapes.append((int(bgr.shape[0]), int(bgr.shape[1])))
+            boxed, rp = letterbox(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), imgsz, scale_up)
+            images[row] = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))
+            ratio_pad.append(rp)
+        cat_ids = sorted(coco.getCatIds())
+        names = [str(coco.cats[c]["name"]) for c in cat_ids]
+        return cls(coco=coco, images=images, image_ids=ids, shapes=shapes, ratio_pad=ratio_pad,
+                   imgsz=imgsz, class_names=names, category_ids=cat_ids)

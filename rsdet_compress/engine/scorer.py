@@ -1,0 +1,50 @@
+"""``evaluate``: COCO mAP of a checkpoint on a prepared split, with its size and GFLOPs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from rsdet_compress.data.config import load_data_config
+from rsdet_compress.detectors.registry import load_detector
+from rsdet_compress.engine.evalset import EvalSet
+from rsdet_compress.engine.evaluator import Evaluator
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (BN affine included, buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def gflops(model: nn.Module, imgsz: int) -> float:
+    """Forward GFLOPs (2 x multiply-accumulates) at ``imgsz`` x ``imgsz``, by torch's flop counter."""
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters())
+    try:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def evaluate(weights: str | Path, data: str | Path, split: str = "val", imgsz: int | None = None,
+             batch: int = 16, device: str = "cpu", conf: float = 0.001, iou: float = 0.7,
+             max_images: int | None = None) -> dict:
+    """Score ``weights`` on ``split`` of dataset YAML ``data`` with pycocotools.
+
+    Returns mAP@0.5, mAP@0.5:0.95, AP small/medium/large, per-class AP,
+    parameters and GFLOPs at the evaluation size. ``imgsz`` defaults to the
+    size the checkpoint was trained at.
+    """
+    model, meta = load_detector(weights)
+    cfg = load_data_config(data)
+    imgsz = int(imgsz or meta.get("imgsz") or 640)
+    evalset = EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz, max_images=max_images)
+    model.to(device)
+    metrics = Evaluator(evalset, conf=conf, iou=iou, batch=batch, device=device)(model)
+    return {"weights": str(weights), "detector": meta.get("detector"), "split": split, "imgsz": imgsz,
+            **metrics, "params": count_params(model), "gflops": round(gflops(model, imgsz), 3)}
