@@ -36,6 +36,11 @@ def make_config(cls: type[T], values: dict, source: str = "config", /, **overrid
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in merged]
+    if missing:
+        raise UserError(f"{source}: missing required setting(s) {', '.join(missing)}")
     try:
         return cls(**merged)
     except TypeError as e:

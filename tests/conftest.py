@@ -28,3 +28,20 @@ def airbus_dir(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def kit_dir(data_root: Path) -> Path:
     return data_root / "kit-aerial-cars"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(kit_dir: Path, tmp_path_factory) -> Path:
+    """Real KIT aerial cars, cut into 256 px chips: a small prepared data set (data.yaml path)."""
+    from rsdet_compress.data.prepare import PrepareConfig, prepare
+    out = tmp_path_factory.mktemp("prepared") / "kit"
+    prepare(PrepareConfig(format="yolo", src=str(kit_dir), out=str(out), tile=256, overlap=0.0,
+                          keep_empty=0.0, seed=0), progress=False)
+    return out / "data.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path, monkeypatch):
+    """Every test logs to its own throwaway MLflow store and runs folder, never to ./runs."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("RSDET_RUNS", str(tmp_path / "runs"))

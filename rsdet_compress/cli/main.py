@@ -23,9 +23,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="convert a raw data set into tiled YOLO chips + COCO ground truth")
-    p.add_argument("--format", required=True, help="yolo | coco | airbus | dota | voc")
-    p.add_argument("--src", required=True, help="raw data set folder (absolute, or relative to $RSDET_DATA)")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--format", help="yolo | coco | airbus | dota | voc")
+    p.add_argument("--src", help="raw data set folder (absolute, or relative to $RSDET_DATA)")
+    p.add_argument("--out", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--config", help="YAML with any of the options below (flags win)")
     p.add_argument("--tile", type=int)
     p.add_argument("--overlap", type=float)

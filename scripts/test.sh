@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the test suite on the real data in $RSDET_DATA (default ../shared/data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RSDET_DATA="${RSDET_DATA:-$(cd .. && pwd)/shared/data}"
+export YOLO_OFFLINE=1
+exec .venv/bin/python -m pytest -q "$@"
