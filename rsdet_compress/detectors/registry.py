@@ -42,8 +42,11 @@ def list_detectors() -> list[str]:
 
 
 def _from_yaml(cfg: str, num_classes: int) -> nn.Module:
-    from ultralytics.nn.tasks import DetectionModel
-    return DetectionModel(cfg, nc=num_classes, verbose=False)
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+    # nc set in the spec up front: otherwise ultralytics logs "Overriding model.yaml nc=..." to stdout,
+    # which breaks `evaluate --json` (stdout must be one JSON object).
+    spec = {**yaml_model_load(cfg), "nc": num_classes}
+    return DetectionModel(spec, nc=num_classes, verbose=False)
 
 
 @register_detector("skynet")

@@ -4,6 +4,7 @@ A plain dict registry keyed by format name, filled by ``@register_reader``.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +27,16 @@ def read_dataset(fmt: str, src: str | Path, classes: list[str] | None = None, **
     """Read ``src`` with the reader for ``fmt`` (yolo, coco, airbus, dota, voc)."""
     if fmt not in READERS:
         raise UserError(f"unknown --format {fmt!r}; choose one of: {', '.join(sorted(READERS))}")
+    reader = READERS[fmt]
+    params = inspect.signature(reader).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise UserError(f"reader {fmt!r} has no option(s) {', '.join(unknown)}")
     src = Path(src)
     if not src.exists():
         raise UserError(f"{src}: data set folder does not exist")
-    return READERS[fmt](src, classes=classes, **options)
+    return reader(src, classes=classes, **options)
 
 
 def read_class_file(path: Path) -> list[str]:

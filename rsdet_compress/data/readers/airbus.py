@@ -35,7 +35,7 @@ def parse_polygon(text: str, where: str) -> tuple[float, float, float, float]:
 
 @register_reader("airbus")
 def read_airbus(src: Path, classes: list[str] | None = None, csv_name: str = "annotations.csv",
-                max_bad_images: float = 0.05, **_: object) -> DetectionSet:
+                max_bad_images: float = 0.05) -> DetectionSet:
     """Read ``src/annotations.csv``; images are found by name anywhere under ``src``."""
     csv_path = src / csv_name
     if not csv_path.is_file():

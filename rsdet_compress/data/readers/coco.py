@@ -36,6 +36,10 @@ def read_coco(src: Path, classes: list[str] | None = None, max_bad_images: float
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise UserError(f"{path}: field '{key}' missing or not a list")
+    for key, need in (("categories", ("id", "name")), ("images", ("id", "file_name"))):
+        for k, item in enumerate(data[key]):
+            if not isinstance(item, dict) or any(n not in item for n in need):
+                raise UserError(f"{path}: {key}[{k}] needs fields {', '.join(need)}")
     cats = sorted(data["categories"], key=lambda c: c["id"])
     cat_names = {c["id"]: str(c["name"]) for c in cats}
     classes = classes or [cat_names[i] for i in sorted(cat_names)]
