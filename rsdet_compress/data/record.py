@@ -84,7 +84,9 @@ def image_size(path: Path) -> tuple[int, int] | None:
             im.verify()  # checks the file structure without decoding all pixels
         with Image.open(path) as im:
             return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError):
+        # ImportError: once imported, ultralytics wraps PIL's Image.open and, on a file PIL cannot
+        # identify, tries the optional HEIF plugin (pi-heif), which is not installed.
         return None
 
 
