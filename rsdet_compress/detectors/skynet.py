@@ -33,14 +33,21 @@ class DWPWBundle(nn.Module):
 
 
 class Reorg(nn.Module):
-    """Space-to-depth by ``stride`` (YOLOv2's reorg): C x H x W -> C*s*s x H/s x W/s."""
+    """Space-to-depth by ``stride`` (YOLOv2's reorg): C x H x W -> C*s*s x H/s x W/s.
 
-    def __init__(self, stride: int = 2):
+    ``keep`` lists the output channels kept (all of them unless a compression
+    policy pruned some through the concat that follows).
+    """
+
+    def __init__(self, channels: int, stride: int = 2):
         super().__init__()
+        self.channels = channels
         self.stride = stride
+        self.register_buffer("keep", torch.arange(channels * stride * stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.pixel_unshuffle(x, self.stride)
+        y = nn.functional.pixel_unshuffle(x, self.stride)
+        return y if self.keep.numel() == y.shape[1] else y.index_select(1, self.keep)
 
 
 class SkyNetDetect(Detect):
@@ -70,6 +77,9 @@ class SkyNet(DetectionModel):
     ``width`` scales every channel count (1.0 = the published network).
     """
 
+    #: the reorg bypass source: each of its channels feeds 4 reorg outputs, so it is never pruned.
+    unprunable_layers = ("model.4.pw",)
+
     def __init__(self, nc: int = 1, ch: int = 3, width: float = 1.0, verbose: bool = False):
         nn.Module.__init__(self)  # DetectionModel.__init__ would parse a YAML; we build the layers here
         c1, c2, c3, c4, c5, c6 = (max(8, int(round(c * width / 8)) * 8) for c in _WIDTHS)
@@ -82,7 +92,7 @@ class SkyNet(DetectionModel):
             (nn.MaxPool2d(2, 2), -1),           # 5  stride 8
             (DWPWBundle(c3, c4), -1),           # 6
             (DWPWBundle(c4, c5), -1),           # 7
-            (Reorg(2), 4),                      # 8  c3*4 channels at stride 8
+            (Reorg(c3, 2), 4),                  # 8  c3*4 channels at stride 8
             (Concat(1), [8, 7]),                # 9  c3*4 + c5
             (DWPWBundle(c3 * 4 + c5, c6), -1),  # 10
             (SkyNetDetect(nc=nc, ch=(c6,)), [10]),  # 11
