@@ -43,7 +43,8 @@ class Reorg(nn.Module):
         super().__init__()
         self.channels = channels
         self.stride = stride
-        self.register_buffer("keep", torch.arange(channels * stride * stride))
+        # not saved: a compressed checkpoint rebuilds it from its policy, float ones never change it
+        self.register_buffer("keep", torch.arange(channels * stride * stride), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.pixel_unshuffle(x, self.stride)
