@@ -103,6 +103,9 @@ def save_detector(model: nn.Module, path: str | Path, meta: dict | None = None) 
                        for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
+    policy = getattr(model, "policy", None)
+    if policy is not None:  # a compressed model: its structure is rebuilt from the resolved policy
+        ckpt["policy"] = policy.to_dict()
     if ckpt["detector"] is None:
         raise ValueError("model has no detector_name; build it with create_detector()")
     tmp = path.with_name(f".{path.name}.tmp")
@@ -134,12 +137,27 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict]:
     if name not in DETECTORS:
         raise UserError(f"{path}: unknown detector {name!r} in checkpoint")
     model = create_detector(name, nc, names=ckpt.get("names"))
+    if "policy" in ckpt:
+        model = _rebuild_compressed(model, ckpt["policy"], path)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path}: weights do not fit detector {name!r} ({str(e).splitlines()[0][:100]})") from None
-    meta = {**ckpt.get("meta", {}), "detector": name, "num_classes": nc, "names": ckpt.get("names")}
+    meta = {**ckpt.get("meta", {}), "detector": name, "num_classes": nc, "names": ckpt.get("names"),
+            "compressed": "policy" in ckpt}
     return model.eval(), meta
+
+
+def _rebuild_compressed(skeleton: nn.Module, policy_dict: dict, path: Path) -> nn.Module:
+    """The compressed structure (pruned shapes, skipped blocks, quantized convs) for loading its weights."""
+    from rsdet_compress.compress.apply import apply_policy
+    from rsdet_compress.compress.policy import Policy
+    from rsdet_compress.compress.view import CompressibleView
+    policy = Policy.from_dict(policy_dict, source=str(path))
+    if any("keep_idx" not in g for g in policy.groups.values()):
+        raise UserError(f"{path}: compressed checkpoint carries an unresolved policy")
+    view = CompressibleView(skeleton, imgsz=policy.imgsz)
+    return apply_policy(view, policy, share_weights=False)
 
 
 def _load_ultralytics(path: Path) -> tuple[nn.Module, dict]:

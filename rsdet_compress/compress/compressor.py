@@ -1,0 +1,84 @@
+"""From float weights + policy to a compressed, calibrated model (and checkpoint).
+
+The steps every consumer shares (the ``compress`` and ``evaluate --policy``
+commands now, the search later): build the view once, validate the policy
+against it and the weights' fingerprint, rank channels, resolve, apply,
+recalibrate BN and activation ranges on training images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rsdet_compress.compress.apply import apply_policy
+from rsdet_compress.compress.calibration import calibrate, calibration_set
+from rsdet_compress.compress.importance import importance_scores
+from rsdet_compress.compress.policy import Policy, fingerprint, resolve
+from rsdet_compress.compress.view import CompressibleView
+from rsdet_compress.detectors.registry import load_detector, save_detector
+from rsdet_compress.engine.evalset import EvalSet
+from rsdet_compress.errors import UserError
+
+
+@dataclass
+class Workspace:
+    """A float detector ready to be compressed many times (one view, one ranking per criterion)."""
+
+    view: CompressibleView
+    meta: dict
+    weights_fp: str
+    _scores: dict
+
+    @classmethod
+    def from_weights(cls, weights: str | Path, imgsz: int | None = None) -> Workspace:
+        model, meta = load_detector(weights)
+        if meta.get("compressed"):
+            raise UserError(f"{weights}: already compressed; start from the float weights")
+        fp = fingerprint(model)  # before the view rewrites blocks (same weights, other names)
+        view = CompressibleView(model, imgsz=int(imgsz or meta.get("imgsz") or 640))
+        return cls(view, meta, fp, {})
+
+    def scores(self, criterion: str) -> dict[str, torch.Tensor]:
+        if criterion not in self._scores:
+            self._scores[criterion] = importance_scores(self.view, criterion)
+        return self._scores[criterion]
+
+    def resolve(self, policy: Policy, source: str = "policy") -> Policy:
+        """Validate ``policy`` for these weights and turn keep ratios into channel lists."""
+        policy.validate(self.view, self.weights_fp, source=source)
+        needs = any("keep" in g for g in policy.groups.values())
+        resolved = resolve(policy, self.view, self.scores(policy.criterion) if needs else None)
+        resolved.weights = self.weights_fp
+        return resolved
+
+    def apply(self, policy: Policy, calib: EvalSet | None = None, bn: bool = True,
+              share_weights: bool = True) -> nn.Module:
+        """Compressed model for a (validated) policy; calibrated on ``calib`` when given."""
+        resolved = policy if all("keep_idx" in g for g in policy.groups.values()) else self.resolve(policy)
+        model = apply_policy(self.view, resolved, share_weights=share_weights)
+        model.names = self.view.model.names
+        if calib is not None:
+            calibrate(model, calib, bn=bn)
+        return model.eval()
+
+
+def compress(weights: str | Path, policy: str | Path | Policy, out: str | Path, data: str | Path | None = None,
+             calib_images: int = 64) -> dict:
+    """Write the compressed checkpoint ``out`` for ``weights`` under ``policy``.
+
+    With ``data`` (dataset YAML), BN statistics and activation ranges are
+    calibrated on ``calib_images`` training chips; without it activations
+    stay unquantized until calibrated (a warning says so).
+    """
+    ws = Workspace.from_weights(weights)
+    pol = policy if isinstance(policy, Policy) else Policy.load(policy)
+    resolved = ws.resolve(pol, source=str(policy) if not isinstance(policy, Policy) else "policy")
+    calib = calibration_set(str(data), ws.view.imgsz, calib_images) if data else None
+    model = ws.apply(resolved, calib, share_weights=False)
+    meta = {**{k: v for k, v in ws.meta.items() if k not in ("detector", "num_classes", "names", "compressed")},
+            "float_weights": str(weights), "float_fingerprint": ws.weights_fp, "calibrated": calib is not None}
+    save_detector(model, out, meta)
+    return {"out": str(out), "policy": resolved, "model": model, "workspace": ws}
