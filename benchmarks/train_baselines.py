@@ -64,18 +64,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="yolov8n,skynet")
     ap.add_argument("--skip-train", action="store_true", help="score existing runs/baselines weights")
+    ap.add_argument("--retrain", action="store_true", help="train even where finished weights exist")
     args = ap.parse_args()
     data_yaml = _prepare()
     rows = []
     for model in args.models.split(","):
         cfg = load_config(REPO / "configs" / f"airbus-{model}.yaml", TrainConfig)
         result = None
-        if not args.skip_train:
+        metrics = Path(cfg.out) / "metrics.json"
+        if not args.skip_train and (args.retrain or not metrics.is_file()):
             t0 = time.time()
             result = train(cfg)
             print(f"{model}: trained in {(time.time() - t0) / 60:.1f} min")
-        else:
-            metrics = Path(cfg.out) / "metrics.json"
+        else:  # finished earlier: reuse its weights and training record
             result = json.loads(metrics.read_text()) if metrics.is_file() else None
         weights = Path(cfg.out) / "weights" / "best.pt"
         rows.append(_row(model, result, weights, data_yaml))
