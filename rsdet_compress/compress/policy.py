@@ -159,7 +159,10 @@ class Policy:
             if bad:
                 raise UserError(f"{where}: weight bits {bad[0]!r} not in {WEIGHT_BITS}")
             if isinstance(bits, list):
-                kept = self.kept_count(view, layer.out_group, layer.out_channels)
+                try:
+                    kept = view.kept(name, "out", self)
+                except ValueError:  # depends on which channels the ranking keeps: checked when applied
+                    continue
                 if len(bits) != kept:
                     raise UserError(f"{where}: {len(bits)} weight bit-widths for {kept} kept output channels")
             if spec.get("act_bits", self.default_act_bits) not in ACT_BITS:
