@@ -20,7 +20,8 @@ Counting conventions (all integers, all exact):
   map is not uniform (each group channel -> same number of tensor channels),
   which channels survive is not known before importance ranking, so the
   removed count is the proportional share (rounded); ``keep_idx`` is always
-  exact.
+  exact and agrees with ``CompressibleView.kept`` (which raises instead of
+  estimating in that one case).
 * **MACs** of a conv = ``out_h * out_w * out_c' * (in_c' / groups') * kh * kw``
   (out_h, out_w at the view's imgsz). ``flops = 2 * macs + non-conv FLOPs``;
   the non-conv FLOPs (YOLO11's attention matmuls in ``PSABlock``) are measured
@@ -154,7 +155,7 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NONCONV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _entry(view, group, pairs: list) -> _Entry:
+def _entry(group, pairs: list) -> _Entry:
     per_root = [0] * group.size
     for _, root in pairs:
         per_root[root] += 1
@@ -168,13 +169,15 @@ def _prepare(view) -> _Prepared:
     if got is not None:
         return got
     is_out = view.graph.is_out_channel_pruning_fn
-    outs: dict[str, list[_Entry]] = {}
-    ins: dict[str, list[_Entry]] = {}
+    sides: dict[tuple[str, bool], dict[str, set]] = {}  # (conv, is out) -> group -> {(idx, group channel)}
     for group in view.groups.values():
         for mod, handler, pairs in group.plan:
-            if mod not in view.layers:
-                continue  # BN, functional nodes: follow their conv
-            (outs if is_out(handler) else ins).setdefault(mod, []).append(_entry(view, group, pairs))
+            if mod in view.layers:  # BN and functional nodes follow their conv
+                sides.setdefault((mod, bool(is_out(handler))), {}).setdefault(group.name, set()).update(pairs)
+    outs: dict[str, list[_Entry]] = {}
+    ins: dict[str, list[_Entry]] = {}
+    for (mod, out), by_group in sides.items():
+        (outs if out else ins)[mod] = [_entry(view.groups[g], sorted(p)) for g, p in by_group.items()]
     block_of: dict[str, list[str]] = {}
     for b in sorted(view.blocks, key=lambda b: b.name.count(".")):
         for name in b.layers:
