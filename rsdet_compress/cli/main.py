@@ -67,6 +67,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-track", dest="track", action="store_false", help="do not log to MLflow")
+    p.add_argument("--policy", help="also apply this policy and report float vs compressed side by side")
 
 
 def _add_predict(sub) -> None:
@@ -88,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    p = sub.add_parser("policy", help="write a policy: a baseline, or a template listing every group/layer/block")
+    p.add_argument("--weights", required=True, help="float weights the policy is for")
+    p.add_argument("--uniform-bits", type=int, default=32, help="weight bits of every quantizable layer")
+    p.add_argument("--act-bits", type=int, help="activation bits (default: same as --uniform-bits)")
+    p.add_argument("--prune", type=float, default=0.0, help="fraction of channels removed from every group")
+    p.add_argument("--criterion", default="l1", help="l1 | l2 | bn_scale | taylor")
+    p.add_argument("--imgsz", type=int)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("compress", help="apply a policy: a physically pruned, fake-quantized checkpoint")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--policy", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="dataset YAML: calibrate BN and activation ranges on training chips")
+    p.add_argument("--calib-images", type=int, default=64)
     sub.add_parser("models", help="list registered detectors")
     return parser
 
@@ -117,7 +132,50 @@ def _run_train(args) -> None:
     print(f"val mAP50={f['map50']:.4f} mAP50-95={f['map50_95']:.4f} params={f['params']} GFLOPs={f['gflops']}")
 
 
+def _run_policy(args) -> None:
+    from rsdet_compress.compress.compressor import Workspace
+    from rsdet_compress.compress.cost import estimate, format_cost
+    from rsdet_compress.compress.policy import Policy
+    ws = Workspace.from_weights(args.weights, args.imgsz)
+    view, abits = ws.view, args.act_bits if args.act_bits is not None else args.uniform_bits
+    if not 0.0 <= args.prune < 1.0:
+        raise UserError(f"--prune must be in [0, 1), got {args.prune}")
+    policy = Policy(detector=view.detector, imgsz=view.imgsz, weights=ws.weights_fp, criterion=args.criterion,
+                    groups={g: {"keep": round(1.0 - args.prune, 6)} for g in view.groups},
+                    layers={n: {"weight_bits": args.uniform_bits, "act_bits": abits} for n in view.quantizable},
+                    blocks={b.name: "keep" for b in view.blocks})
+    resolved = ws.resolve(policy)
+    policy.save(args.out)
+    print(view.summary())
+    print(format_cost(estimate(view, resolved), estimate(view)))
+    print(f"wrote {args.out}")
+
+
+def _run_compress(args) -> None:
+    from rsdet_compress.compress.compressor import compress
+    from rsdet_compress.compress.cost import estimate, format_cost
+    r = compress(args.weights, args.policy, args.out, data=args.data, calib_images=args.calib_images)
+    view = r["workspace"].view
+    print(format_cost(estimate(view, r["policy"]), estimate(view)))
+    print(f"wrote {args.out}" + ("" if args.data else "  (not calibrated: pass --data to calibrate BN and activations)"))
+
+
+def _print_side_by_side(r: dict) -> None:
+    print(f"{'':12}{'float':>12}{'compressed':>12}")
+    for k in ("map50", "map50_95", "params", "size_mb", "gflops", "gbops"):
+        a, b = r["float"][k], r["compressed"][k]
+        fmt = (lambda v: f"{v:12,d}") if isinstance(a, int) else (lambda v: f"{v:12.4f}")
+        print(f"{k:12}{fmt(a)}{fmt(b)}")
+    print("x smaller: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+
+
 def _run_evaluate(args) -> None:
+    if args.policy:
+        from rsdet_compress.engine.scorer import evaluate_policy
+        r = evaluate_policy(args.weights, args.policy, args.data, split=args.split, batch=args.batch,
+                            device=args.device)
+        print(json.dumps(r)) if args.json else _print_side_by_side(r)
+        return
     from rsdet_compress.engine.scorer import evaluate
     from rsdet_compress.tracking.mlflow_tracker import Tracker
     r = evaluate(args.weights, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, device=args.device)
@@ -159,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_evaluate(args)
         elif args.command == "predict":
             _run_predict(args)
+        elif args.command == "policy":
+            _run_policy(args)
+        elif args.command == "compress":
+            _run_compress(args)
         elif args.command == "models":
             from rsdet_compress.detectors.registry import list_detectors
             print("\n".join(list_detectors()))

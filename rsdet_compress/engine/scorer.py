@@ -48,3 +48,32 @@ def evaluate(weights: str | Path, data: str | Path, split: str = "val", imgsz: i
     metrics = Evaluator(evalset, conf=conf, iou=iou, batch=batch, device=device)(model)
     return {"weights": str(weights), "detector": meta.get("detector"), "split": split, "imgsz": imgsz,
             **metrics, "params": count_params(model), "gflops": round(gflops(model, imgsz), 3)}
+
+
+def evaluate_policy(weights: str | Path, policy: str | Path, data: str | Path, split: str = "val",
+                    batch: int = 16, device: str = "cpu", calib_images: int = 64) -> dict:
+    """Float vs compressed side by side: COCO mAP (after BN recalibration) and the exact cost of each.
+
+    The policy is applied in memory; calibration uses training chips, never ``split``.
+    """
+    from rsdet_compress.compress.calibration import calibration_set
+    from rsdet_compress.compress.compressor import Workspace
+    from rsdet_compress.compress.cost import estimate
+    from rsdet_compress.compress.policy import Policy
+
+    ws = Workspace.from_weights(weights)
+    resolved = ws.resolve(Policy.load(policy), source=str(policy))
+    cfg = load_data_config(data)
+    imgsz = ws.view.imgsz
+    evalset = EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz)
+    evaluator = Evaluator(evalset, batch=batch, device=device)
+    compressed = ws.apply(resolved, calibration_set(str(data), imgsz, calib_images))
+    out = {}
+    for label, model, cost in (("float", ws.view.model, estimate(ws.view)),
+                               ("compressed", compressed, estimate(ws.view, resolved))):
+        m = evaluator(model.to(device))
+        out[label] = {"map50": m["map50"], "map50_95": m["map50_95"], "per_class": m["per_class"],
+                      "params": cost.params, "size_mb": cost.size_mb, "gflops": cost.gflops, "gbops": cost.gbops}
+    out["ratios"] = estimate(ws.view, resolved).ratios(estimate(ws.view))
+    out.update(split=split, imgsz=imgsz, weights=str(weights), policy=str(policy))
+    return out
