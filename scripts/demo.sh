@@ -11,5 +11,6 @@ RS=.venv/bin/rsdet-compress
 $RS train --config configs/demo-yolov8n.yaml
 $RS evaluate --weights runs/demo/yolov8n/weights/best.pt --data runs/data/airbus/data.yaml --split test
 scene=$(ls "$RSDET_DATA"/airbus-aircraft/extras/*.jpg | head -n 1)
-$RS predict --weights runs/demo/yolov8n/weights/best.pt --source "$scene" --out runs/demo/predict
+# the demo model trains ~10 min: a lower threshold than the default 0.25 shows what it already finds
+$RS predict --weights runs/demo/yolov8n/weights/best.pt --source "$scene" --out runs/demo/predict --conf 0.1
 echo "MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///$(pwd)/runs/mlflow.db"
