@@ -35,16 +35,20 @@ def slice_conv(src: Conv, start: int, stop: int) -> Conv:
     return out
 
 
-class C2fExplicit(nn.Module):
-    """C2f / C3k2 with ``cv1`` as two convs instead of one conv + ``chunk``: same outputs."""
+class _SplitCv1(nn.Module):
+    """Shared part of the rewrites: ``cv1`` (c1 -> 2c) becomes ``cv1a`` and ``cv1b`` (c1 -> c each)."""
 
-    def __init__(self, src: C2f):
+    def __init__(self, src: nn.Module):
         super().__init__()
         self.c = src.c
         self.cv1a = slice_conv(src.cv1, 0, src.c)
         self.cv1b = slice_conv(src.cv1, src.c, 2 * src.c)
         self.cv2 = src.cv2
         self.m = src.m
+
+
+class C2fExplicit(_SplitCv1):
+    """C2f / C3k2 with ``cv1`` as two convs instead of one conv + ``chunk``: same outputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = [self.cv1a(x), self.cv1b(x)]
@@ -52,16 +56,8 @@ class C2fExplicit(nn.Module):
         return self.cv2(torch.cat(y, 1))
 
 
-class C2PSAExplicit(nn.Module):
+class C2PSAExplicit(_SplitCv1):
     """C2PSA with ``cv1`` as two convs instead of one conv + ``split``: same outputs."""
-
-    def __init__(self, src: C2PSA):
-        super().__init__()
-        self.c = src.c
-        self.cv1a = slice_conv(src.cv1, 0, src.c)
-        self.cv1b = slice_conv(src.cv1, src.c, 2 * src.c)
-        self.cv2 = src.cv2
-        self.m = src.m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv2(torch.cat((self.cv1a(x), self.m(self.cv1b(x))), 1))
