@@ -260,6 +260,24 @@ def _removed(entry: _Entry, policy: Policy, view, kept_sets: dict) -> int:
     return round(entry.pairs * (entry.size - kept) / entry.size)
 
 
+def kept_channels(view, layer: str, dim: str, policy: Policy) -> int:
+    """Channels of ``layer``'s ``dim`` ("out" or "in") that ``policy`` keeps, from the same maps as :func:`estimate`.
+
+    A keep ratio on a group that feeds this side unevenly (part of a concat
+    into a depthwise conv) depends on which channels the ranking keeps:
+    resolve the policy first (ValueError otherwise).
+    """
+    L = next(x for x in _prepare(view).layers if x.name == layer)
+    if dim == "in" and L.depthwise:
+        dim = "out"
+    entries, total = (L.outs, L.out_c) if dim == "out" else (L.ins, L.in_c)
+    for e in entries:
+        spec = policy.groups.get(e.group)
+        if spec and "keep" in spec and e.mult is None:
+            raise ValueError(f"{layer}: carries part of group {e.group} unevenly; resolve the policy first")
+    return total - sum(_removed(e, policy, view, {}) for e in entries)
+
+
 def estimate(view, policy: Policy | None = None, per_layer: bool = True) -> Cost:
     """Exact cost of ``policy`` applied to ``view``'s detector (``None``: the float model).
 

@@ -36,7 +36,8 @@ class LayerInfo:
     out_hw: tuple[int, int]
     #: channel group that the OUTPUT channels follow (None: not prunable).
     out_group: str | None
-    #: channel group that the INPUT channels follow (None: image input or not prunable).
+    #: a channel group the INPUT channels follow (None: image input or not prunable). A concat's
+    #: consumer reads several groups: count its kept inputs with ``CompressibleView.kept``.
     in_group: str | None
     protected: bool
     has_bias: bool
@@ -158,8 +159,6 @@ class CompressibleView:
         fixed = {model.get_submodule(n) for n in getattr(model, "unprunable_layers", ())}
         self.unprunable = sorted(self.names[m] for m in fixed)
         self.groups: dict[str, ChannelGroup] = {}
-        #: (conv name, "out" | "in") -> [(group, [(channel idx, group channel)])]: which groups cut that dimension.
-        self.dims: dict[tuple[str, str], list] = {}
         out_group, in_group = {}, {}
         for g in self.graph.get_all_groups(ignored_layers=list(protected | fixed), root_module_types=[nn.Conv2d]):
             root = self.names[g[0].dep.target.module]
@@ -169,14 +168,8 @@ class CompressibleView:
                 if mod not in self.names:
                     continue  # functional nodes (concat, split) carry no parameters
                 name = self.names[mod]
-                pairs = list(zip(item.idxs, item.root_idxs))
-                group.plan.append((name, dep.handler, pairs))
+                group.plan.append((name, dep.handler, list(zip(item.idxs, item.root_idxs))))
                 if isinstance(mod, nn.Conv2d):
-                    dim = "out" if self.graph.is_out_channel_pruning_fn(dep.handler) else "in"
-                    dims = ("out", "in") if _conv_kind(mod) == "depthwise" else (dim,)  # dw: in == out
-                    for d in dims:
-                        if not any(g is group for g, _ in self.dims.get((name, d), [])):
-                            self.dims.setdefault((name, d), []).append((group, pairs))
                     if self.graph.is_out_channel_pruning_fn(dep.handler):
                         out_group[name] = group
                         if name not in group.layers:
@@ -213,29 +206,9 @@ class CompressibleView:
         model.train(was_training)
 
     def kept(self, layer: str, dim: str, policy) -> int:
-        """Channels of ``layer``'s ``dim`` ("out" or "in") that ``policy`` keeps.
-
-        Exact for resolved policies (explicit ``keep_idx``); a keep ratio is
-        exact too where the layer carries the whole group, otherwise (a conv
-        fed by part of a group through a concat) resolve the policy first.
-        """
-        info = self.layers[layer]
-        total = info.out_channels if dim == "out" else info.in_channels
-        seen: set[int] = set()
-        removed = 0
-        for group, pairs in self.dims.get((layer, dim), []):
-            spec = policy.groups.get(group.name)
-            if not spec or id(group) in seen:
-                continue
-            seen.add(id(group))
-            if "keep_idx" in spec:
-                keep = set(spec["keep_idx"])
-                removed += len({i for i, root in pairs if root not in keep})
-            elif len({root for _, root in pairs}) == group.size and len(pairs) == group.size:
-                removed += group.size - policy.kept_count(self, group.name, group.size)
-            else:
-                raise ValueError(f"{layer}: carries part of group {group.name}; resolve the policy first")
-        return total - removed
+        """Channels of ``layer``'s ``dim`` ("out" or "in") that ``policy`` keeps (see cost.kept_channels)."""
+        from rsdet_compress.compress.cost import kept_channels
+        return kept_channels(self, layer, dim, policy)
 
     @property
     def quantizable(self) -> list[str]:

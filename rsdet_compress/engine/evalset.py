@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
+from ultralytics.data.augment import LetterBox
 
 from rsdet_compress.errors import UserError
 
@@ -29,29 +30,20 @@ RatioPad = tuple[tuple[float, float], tuple[int, int]]  # ((gain_h, gain_w), (pa
 def letterbox(image: np.ndarray, imgsz: int, scale_up: bool = True) -> tuple[np.ndarray, RatioPad]:
     """Resize ``image`` (H x W x 3) keeping its aspect ratio and pad it to ``imgsz`` x ``imgsz``.
 
-    Same geometry as ``ultralytics.data.augment.LetterBox(auto=False, center=True)``
-    (rounding of the resized size and of the padding included), so a model trained
-    with ultralytics sees the same pixels. Shrinking uses ``INTER_AREA`` like
-    ultralytics' validation loader; enlarging uses ``INTER_LINEAR``.
-
+    ultralytics' ``LetterBox`` does the work (same pixels a model trained with
+    ultralytics sees); shrinking uses ``INTER_AREA`` like its validation loader.
     Returns the padded image and ``ratio_pad = ((gain_h, gain_w), (pad_left, pad_top))``
-    in the form ``ultralytics.utils.ops.scale_boxes`` takes. The gains are the exact
-    per-axis factors of the rounded resize, so boxes map back without drift.
+    for ``ultralytics.utils.ops.scale_boxes``; the gains are the exact per-axis
+    factors of the rounded resize, so boxes map back without drift.
     """
     h, w = image.shape[:2]
-    r = min(imgsz / h, imgsz / w)
-    if not scale_up:
-        r = min(r, 1.0)
-    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
-    if (new_w, new_h) != (w, h):
-        interp = cv2.INTER_LINEAR if r > 1 else cv2.INTER_AREA
-        image = cv2.resize(image, (new_w, new_h), interpolation=interp)
-    dw, dh = (imgsz - new_w) / 2, (imgsz - new_h) / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
-                               value=(PAD_VALUE,) * 3)
-    return image, ((new_h / h, new_w / w), (left, top))
+    shrink = min(imgsz / h, imgsz / w) < 1
+    lb = LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=scale_up, padding_value=PAD_VALUE,
+                   interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    params = lb.get_params({"img": image})
+    out = lb.apply_image({"img": image}, params)["img"]
+    new_w, new_h = params["new_unpad"]
+    return out, ((new_h / h, new_w / w), (params["left"], params["top"]))
 
 
 def load_coco(coco_json: Path) -> COCO:

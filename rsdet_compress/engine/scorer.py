@@ -69,11 +69,11 @@ def evaluate_policy(weights: str | Path, policy: str | Path, data: str | Path, s
     evaluator = Evaluator(evalset, batch=batch, device=device)
     compressed = ws.apply(resolved, calibration_set(str(data), imgsz, calib_images))
     out = {}
-    for label, model, cost in (("float", ws.view.model, estimate(ws.view)),
-                               ("compressed", compressed, estimate(ws.view, resolved))):
+    ref, cost_c = estimate(ws.view), estimate(ws.view, resolved)
+    for label, model, cost in (("float", ws.view.model, ref), ("compressed", compressed, cost_c)):
         m = evaluator(model.to(device))
         out[label] = {"map50": m["map50"], "map50_95": m["map50_95"], "per_class": m["per_class"],
                       "params": cost.params, "size_mb": cost.size_mb, "gflops": cost.gflops, "gbops": cost.gbops}
-    out["ratios"] = estimate(ws.view, resolved).ratios(estimate(ws.view))
+    out["ratios"] = cost_c.ratios(ref)
     out.update(split=split, imgsz=imgsz, weights=str(weights), policy=str(policy))
     return out
