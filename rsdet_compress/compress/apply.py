@@ -73,9 +73,8 @@ def quantize_model(model: nn.Module, view: CompressibleView, policy: Policy) -> 
         conv = model.get_submodule(name)
         if isinstance(wbits, list) and len(wbits) != conv.out_channels:
             raise UserError(f"layer {name}: {len(wbits)} weight bit-widths for {conv.out_channels} kept channels")
-        if (max(wbits) if isinstance(wbits, list) else wbits) >= 32 and abits >= 32 and \
-                (min(wbits) if isinstance(wbits, list) else wbits) >= 32:
-            continue
+        if min(wbits if isinstance(wbits, list) else [wbits]) >= 32 and abits >= 32:
+            continue  # all float: keep the plain conv
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, QConv2d.from_conv(conv, wbits, abits))
     return model
