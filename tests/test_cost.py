@@ -130,6 +130,55 @@ def test_hand_counted_layer_skynet(skynet):
         estimate(view, Policy(detector="skynet", layers={name: {"weight_bits": bits}}))  # 48 widths, 96 kept
 
 
+def _tiny_detector() -> nn.Module:
+    """Two convs and a one-level Detect head (reg_max 1, legacy branches): every tensor countable by hand."""
+    from ultralytics.nn.tasks import DetectionModel
+    cfg = {"nc": 1, "reg_max": 1, "legacy": True,
+           "backbone": [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [8, 3, 2]]],
+           "head": [[[1], 1, "Detect", ["nc"]]]}
+    model = DetectionModel(cfg, ch=3, nc=1, verbose=False)
+    model.detector_name = "tiny"
+    return model
+
+
+def test_hand_counted_tiny_model():
+    """Whole-model storage, params and BOPs of a mixed policy, counted by hand tensor by tensor.
+
+    Layers (32 px input): model.0 3->8 k3 s2 (16x16 out), model.1 8->8 k3 s2 (8x8), Detect box branch
+    8->16->16 (k3) -> 4 (k1, bias, protected), class branch 8->8->8 (k3) -> 1 (k1, bias, protected).
+    """
+    from rsdet_compress.compress.apply import apply_policy
+    view = CompressibleView(_tiny_detector(), imgsz=32)
+    assert sorted(view.protected) == ["model.2.cv2.0.2", "model.2.cv3.0.2"]
+    bits1 = [2, 3, 4, 5, 6, 8, 32, 8]
+    policy = Policy(detector="tiny", imgsz=32, default_weight_bits=4, default_act_bits=8,
+                    groups={"model.0.conv": {"keep_idx": [0, 2, 4, 6]}},
+                    layers={"model.1.conv": {"weight_bits": bits1}})
+    policy.validate(view)
+    # storage: kept weights x bits + one fp32 scale per quantized channel + folded BN/bias (2 x fp32)
+    storage = {
+        "model.0.conv": 4 * (3 * 9 * 4 + 32) + 4 * 64,                 # 4 of 8 channels kept, 4-bit
+        "model.1.conv": 4 * 9 * sum(bits1) + 7 * 32 + 8 * 64,          # 4 inputs left; one float channel
+        "model.2.cv2.0.0.conv": 16 * (8 * 9 * 4 + 32) + 16 * 64,
+        "model.2.cv2.0.1.conv": 16 * (16 * 9 * 4 + 32) + 16 * 64,
+        "model.2.cv2.0.2": 4 * 16 * 32 + 4 * 64,                       # protected: float, bias
+        "model.2.cv3.0.0.conv": 8 * (8 * 9 * 4 + 32) + 8 * 64,
+        "model.2.cv3.0.1.conv": 8 * (8 * 9 * 4 + 32) + 8 * 64,
+        "model.2.cv3.0.2": 1 * 8 * 32 + 1 * 64,
+    }
+    assert sum(storage.values()) == 29_664  # the sum, written out once
+    cost = estimate(view, policy)
+    assert {n: cost.per_layer[n]["weight_bits"] for n in storage} == storage
+    assert cost.weight_bits == 29_664 and cost.size_bytes == 3_708
+    params = (4 * 27 + 4 * 2) + (8 * 36 + 8 * 2) + (16 * 72 + 32) + (16 * 144 + 32) + (4 * 16 + 4) \
+        + 2 * (8 * 72 + 16) + (8 + 1)
+    assert cost.params == params == sum(p.numel() for p in apply_policy(view, policy).parameters())
+    # BOPs = MACs per kept channel x its weight bits x 8-bit activations (protected layers: 32 x 32)
+    assert cost.per_layer["model.0.conv"]["bops"] == 16 * 16 * 4 * 27 * 4 * 8
+    assert cost.per_layer["model.1.conv"]["bops"] == 8 * 8 * 36 * sum(bits1) * 8
+    assert cost.per_layer["model.2.cv2.0.2"]["bops"] == 8 * 8 * 4 * 16 * 32 * 32
+
+
 def test_concat_consumer_follows_each_group():
     """yolov8n's C2f cv2 reads cat(cv1a, cv1b, m.0): pruning cv1a by half removes 8 of its 48 input channels."""
     view = CompressibleView(create_detector("yolov8n", 2), imgsz=IMGSZ)

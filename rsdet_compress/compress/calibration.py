@@ -6,6 +6,7 @@ a few training batches is what makes no-fine-tune mAP a meaningful reward.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from rsdet_compress.compress.quant import calibrate_activations
 from rsdet_compress.engine.evalset import EvalSet
+from rsdet_compress.errors import UserError
 
 
 def image_batches(evalset: EvalSet, batch: int = 16, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
@@ -55,6 +57,64 @@ def calibrate(model: nn.Module, evalset: EvalSet, batch: int = 16, bn: bool = Tr
     """BN recalibration (optional), then activation-range calibration, on the same cached images."""
     device = next(model.parameters()).device
     if bn:
-        recalibrate_bn(model, image_batches(evalset, batch, device))
+        with warnings.catch_warnings():  # activations pass through in float until their ranges are set below
+            warnings.filterwarnings("ignore", message="ActQuantizer used before calibration")
+            recalibrate_bn(model, image_batches(evalset, batch, device))
     calibrate_activations(model, image_batches(evalset, batch, device))
+    return model
+
+
+def labelled_batches(evalset: EvalSet, batch: int = 16, device: str | torch.device = "cpu") -> Iterator[dict]:
+    """ultralytics loss batches (``img``, ``batch_idx``, ``cls``, normalised ``bboxes``) from an EvalSet.
+
+    Ground-truth boxes are moved from original pixels into the letterboxed
+    frame with each image's ``ratio_pad``, then normalised to xywh in 0..1.
+    """
+    cat_index = {c: i for i, c in enumerate(evalset.category_ids)}
+    size = float(evalset.imgsz)
+    for start in range(0, len(evalset), batch):
+        idx, cls, boxes = [], [], []
+        for row, image_id in enumerate(evalset.image_ids[start:start + batch]):
+            (gh, gw), (left, top) = evalset.ratio_pad[start + row]
+            for ann in evalset.coco.imgToAnns.get(image_id, []):
+                x, y, w, h = ann["bbox"]
+                if w <= 0 or h <= 0:
+                    continue
+                cx, cy = (x + w / 2) * gw + left, (y + h / 2) * gh + top
+                idx.append(row)
+                cls.append(cat_index[ann["category_id"]])
+                boxes.append((cx / size, cy / size, w * gw / size, h * gh / size))
+        yield {"img": evalset.images[start:start + batch].to(device).float().div_(255),
+               "batch_idx": torch.tensor(idx, dtype=torch.float32, device=device),
+               "cls": torch.tensor(cls, dtype=torch.float32, device=device).view(-1, 1),
+               "bboxes": torch.tensor(boxes, dtype=torch.float32, device=device).view(-1, 4)}
+
+
+def accumulate_gradients(model: nn.Module, evalset: EvalSet, batch: int = 8) -> nn.Module:
+    """Sum the detection loss's gradients over ``evalset`` into ``.grad`` (for the Taylor criterion).
+
+    Uses the detector's own ultralytics loss (box + cls + DFL at the default
+    gains). BN statistics are left untouched: the model runs in eval mode
+    with gradients enabled. Existing gradients are cleared first.
+    """
+    from ultralytics.cfg import get_cfg
+    if len(evalset) == 0:
+        raise UserError("no labelled training images to compute Taylor importance on")
+    if not hasattr(model, "loss"):
+        raise UserError(f"{type(model).__name__} has no detection loss; Taylor importance needs one")
+    if not hasattr(getattr(model, "args", None), "box"):  # loaded checkpoints carry no hyperparameters
+        model.args = get_cfg()
+    model.criterion = None  # built for this model's current shapes and device
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for b in labelled_batches(evalset, batch, device):
+                loss, _ = model.loss(b)
+                loss.sum().backward()
+    finally:
+        model.train(was_training)
+        model.criterion = None
     return model

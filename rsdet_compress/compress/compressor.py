@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rsdet_compress.compress.apply import apply_policy
-from rsdet_compress.compress.calibration import calibrate, calibration_set
+from rsdet_compress.compress.calibration import accumulate_gradients, calibrate, calibration_set
 from rsdet_compress.compress.importance import importance_scores
 from rsdet_compress.compress.policy import Policy, fingerprint, resolve
 from rsdet_compress.compress.view import CompressibleView
@@ -31,6 +31,8 @@ class Workspace:
     meta: dict
     weights_fp: str
     _scores: dict
+    #: labelled training chips for the Taylor criterion (gradients of the detection loss)
+    grad_set: EvalSet | None = None
 
     @classmethod
     def from_weights(cls, weights: str | Path, imgsz: int | None = None) -> Workspace:
@@ -42,8 +44,16 @@ class Workspace:
         return cls(view, meta, fp, {})
 
     def scores(self, criterion: str) -> dict[str, torch.Tensor]:
+        """Channel ranking per group by ``criterion``, computed once per workspace."""
         if criterion not in self._scores:
+            if criterion == "taylor":
+                if self.grad_set is None:
+                    raise UserError("criterion 'taylor' ranks channels by loss gradients: "
+                                    "give a dataset (--data) to compute them on training chips")
+                accumulate_gradients(self.view.model, self.grad_set)
             self._scores[criterion] = importance_scores(self.view, criterion)
+            if criterion == "taylor":
+                self.view.model.zero_grad(set_to_none=True)
         return self._scores[criterion]
 
     def resolve(self, policy: Policy, source: str = "policy") -> Policy:
@@ -54,14 +64,21 @@ class Workspace:
         resolved.weights = self.weights_fp
         return resolved
 
-    def apply(self, policy: Policy, calib: EvalSet | None = None, bn: bool = True,
+    def apply(self, policy: Policy, calib: EvalSet | None = None, bn: bool | None = None,
               share_weights: bool = True) -> nn.Module:
-        """Compressed model for a (validated) policy; calibrated on ``calib`` when given."""
+        """Compressed model for a (validated) policy; calibrated on ``calib`` when given.
+
+        ``bn=None`` recalibrates BatchNorm statistics only when the policy prunes
+        channels or skips blocks. Measured on the trained detectors, re-estimating
+        them after quantization alone costs mAP (w8a8: -0.5 mAP50 points; w4a4:
+        -6), while after pruning it is what keeps the detector alive (30% pruned:
+        0.0 -> 0.12 mAP50); see benchmarks/results/compress_baselines.md.
+        """
         resolved = policy if all("keep_idx" in g for g in policy.groups.values()) else self.resolve(policy)
         model = apply_policy(self.view, resolved, share_weights=share_weights)
         model.names = self.view.model.names
         if calib is not None:
-            calibrate(model, calib, bn=bn)
+            calibrate(model, calib, bn=resolved.changes_structure(self.view) if bn is None else bn)
         return model.eval()
 
 
@@ -75,8 +92,9 @@ def compress(weights: str | Path, policy: str | Path | Policy, out: str | Path, 
     """
     ws = Workspace.from_weights(weights)
     pol = policy if isinstance(policy, Policy) else Policy.load(policy)
-    resolved = ws.resolve(pol, source=str(policy) if not isinstance(policy, Policy) else "policy")
     calib = calibration_set(str(data), ws.view.imgsz, calib_images) if data else None
+    ws.grad_set = calib
+    resolved = ws.resolve(pol, source=str(policy) if not isinstance(policy, Policy) else "policy")
     model = ws.apply(resolved, calib, share_weights=False)
     meta = {**{k: v for k, v in ws.meta.items() if k not in ("detector", "num_classes", "names", "compressed")},
             "float_weights": str(weights), "float_fingerprint": ws.weights_fp, "calibrated": calib is not None}

@@ -188,6 +188,11 @@ class Policy:
     def skipped(self) -> list[str]:
         return sorted(n for n, a in self.blocks.items() if a == "skip")
 
+    def changes_structure(self, view) -> bool:
+        """Whether any channel is pruned or any block skipped (quantization alone keeps the structure)."""
+        return bool(self.skipped) or any(self.kept_count(view, name, view.groups[name].size) < view.groups[name].size
+                                         for name in self.groups)
+
 
 def resolve(policy: Policy, view, scores: dict[str, torch.Tensor] | None = None) -> Policy:
     """A copy of ``policy`` with every keep ratio turned into an explicit, sorted ``keep_idx``.

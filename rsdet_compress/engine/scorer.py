@@ -62,12 +62,13 @@ def evaluate_policy(weights: str | Path, policy: str | Path, data: str | Path, s
     from rsdet_compress.compress.policy import Policy
 
     ws = Workspace.from_weights(weights)
-    resolved = ws.resolve(Policy.load(policy), source=str(policy))
     cfg = load_data_config(data)
     imgsz = ws.view.imgsz
+    ws.grad_set = calib = calibration_set(str(data), imgsz, calib_images)
+    resolved = ws.resolve(Policy.load(policy), source=str(policy))
     evalset = EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz)
     evaluator = Evaluator(evalset, batch=batch, device=device)
-    compressed = ws.apply(resolved, calibration_set(str(data), imgsz, calib_images))
+    compressed = ws.apply(resolved, calib)
     out = {}
     ref, cost_c = estimate(ws.view), estimate(ws.view, resolved)
     for label, model, cost in (("float", ws.view.model, ref), ("compressed", compressed, cost_c)):
