@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from rsdet_compress.cli.search_cli import add_compare, add_search, run_compare, run_search
 from rsdet_compress.errors import UserError
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset YAML: calibrate BN and activation ranges on training chips")
     p.add_argument("--calib-images", type=int, default=64)
     sub.add_parser("models", help="list registered detectors")
+    add_search(sub)
+    add_compare(sub)
     return parser
 
 
@@ -221,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_policy(args)
         elif args.command == "compress":
             _run_compress(args)
+        elif args.command == "search":
+            run_search(args)
+        elif args.command == "compare":
+            run_compare(args)
         elif args.command == "models":
             from rsdet_compress.detectors.registry import list_detectors
             print("\n".join(list_detectors()))

@@ -92,18 +92,23 @@ class EvalSet:
 
     @classmethod
     def from_coco(cls, coco_json: Path, image_dir: Path, imgsz: int,
-                  max_images: int | None = None, scale_up: bool = True) -> EvalSet:
+                  max_images: int | None = None, scale_up: bool = True,
+                  image_ids: list[int] | None = None) -> EvalSet:
         """Decode and letterbox the images listed in ``coco_json`` (paths relative to ``image_dir``).
 
-        Images are taken in increasing id order; ``max_images`` keeps the first
-        ones (a quick proxy split for a search). ``scale_up=False`` never enlarges
-        images smaller than ``imgsz`` (they are only padded).
+        Images are taken in increasing id order; ``image_ids`` restricts them to
+        a subset and ``max_images`` keeps the first ones (a quick proxy split for
+        a search). ``scale_up=False`` never enlarges images smaller than
+        ``imgsz`` (they are only padded).
         """
         if imgsz <= 0:
             raise ValueError(f"imgsz must be positive, got {imgsz}")
         coco = load_coco(Path(coco_json))
         image_dir = Path(image_dir)
         ids = sorted(coco.getImgIds())
+        if image_ids is not None:
+            wanted = set(int(i) for i in image_ids)
+            ids = [i for i in ids if i in wanted]
         if max_images is not None:
             ids = ids[:max(0, max_images)]
         images = torch.empty((len(ids), 3, imgsz, imgsz), dtype=torch.uint8)

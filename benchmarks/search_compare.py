@@ -1,0 +1,120 @@
+"""Search benchmark: ajpq vs abcp vs two-stage vs random vs uniform 4-bit at equal budget and candidate count.
+
+    python benchmarks/search_compare.py --models yolov8n --budgets size=0.125 --episodes 30
+    python benchmarks/search_compare.py                      # both models, both budgets (hours on CPU)
+
+Each search uses the trained baseline (runs/baselines/<model>/weights/best.pt),
+rewards mAP50 on training chips (never the test split), and every candidate
+meets the budget. The best policy of each search is then scored once on the
+held-out airbus test split, calibrated, without fine-tuning. Every search is
+an MLflow parent run (compare them with ``rsdet-compress compare RUN_ID...``).
+
+Writes benchmarks/results/search_compare.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rsdet_compress.compress.baselines import uniform_bits
+from rsdet_compress.compress.calibration import calibration_set
+from rsdet_compress.compress.compressor import Workspace
+from rsdet_compress.compress.cost import estimate
+from rsdet_compress.config import load_config
+from rsdet_compress.data.config import load_data_config
+from rsdet_compress.data.prepare import PrepareConfig
+from rsdet_compress.engine.evalset import EvalSet
+from rsdet_compress.engine.evaluator import Evaluator
+from rsdet_compress.engine.trainer import TrainConfig
+from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.runner import SearchConfig, search
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+AGENTS = ("ajpq", "abcp", "two-stage", "random")
+
+
+def _test_score(ws: Workspace, policy, data_yaml: Path, evaluator: Evaluator, calib_images: int) -> dict:
+    model = ws.apply(ws.resolve(policy), calibration_set(str(data_yaml), ws.view.imgsz, calib_images))
+    return evaluator(model)
+
+
+def run(model: str, budget: str, episodes: int, data_yaml: Path, args) -> list[dict]:
+    weights = Path(load_config(REPO / "configs" / f"airbus-{model}.yaml", TrainConfig).out) / "weights" / "best.pt"
+    ws = Workspace.from_weights(weights)
+    data = load_data_config(data_yaml)
+    evaluator = Evaluator(EvalSet.from_coco(data.split_coco("test"), data.split_images("test"), ws.view.imgsz))
+    ref, b = estimate(ws.view), Budget.parse([budget])
+    rows = []
+    for agent in AGENTS:
+        cfg = SearchConfig(weights=str(weights), data=str(data_yaml), agent=agent, budget=[budget], episodes=episodes,
+                           seed=args.seed, calib_images=args.calib_images, reward_images=args.reward_images,
+                           experiment="rsdet-compress-bench")
+        t0 = time.time()
+        r = search(cfg, progress=False)
+        wall = time.time() - t0
+        test = _test_score(ws, r.best_policy, data_yaml, evaluator, args.calib_images) if r.best_policy else {}
+        m = r.best["metrics"] if r.best else {}
+        rows.append({"model": model, "budget": budget, "agent": agent, "test_map50": test.get("map50"),
+                     "test_map50_95": test.get("map50_95"), "reward_map50": m.get("map50"),
+                     "x_smaller": m.get("compression_ratio"), "x_fewer_bops": m.get("bops_ratio"),
+                     "x_fewer_flops": m.get("flops_ratio"), "candidates": len(r.candidates),
+                     "wall_min": round(wall / 60, 1), "eval_ratio": r.eval_ratio, "run_id": r.run_id})
+        print(rows[-1], flush=True)
+    pol = uniform_bits(ws.view, 4, 8)
+    cost = estimate(ws.view, pol)
+    test = _test_score(ws, pol, data_yaml, evaluator, args.calib_images)
+    rat = cost.ratios(ref)
+    rows.append({"model": model, "budget": budget, "agent": "uniform 4-bit (w4a8)"
+                 + ("" if b.met(cost, ref) else " (over budget)"), "test_map50": test["map50"],
+                 "test_map50_95": test["map50_95"], "reward_map50": None, "x_smaller": rat["size"],
+                 "x_fewer_bops": rat["bops"], "x_fewer_flops": rat["flops"], "candidates": 1, "wall_min": None,
+                 "eval_ratio": None, "run_id": None})
+    return rows
+
+
+def _markdown(rows: list[dict], command: str) -> str:
+    cols = ["model", "budget", "agent", "test_map50", "test_map50_95", "reward_map50", "x_smaller", "x_fewer_bops",
+            "x_fewer_flops", "candidates", "wall_min", "eval_ratio"]
+    def fmt(v):
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    notes = ("test_map50: best policy of the search on the held-out airbus test split, calibrated (BN when pruned, "
+             "activation ranges), no fine-tuning. reward_map50: the same policy on the search's reward chips "
+             "(training split). eval_ratio: mean candidate evaluation time (apply + calibrate + forward + NMS + "
+             "COCOeval) / bare forward time over the same reward chips.")
+    return f"# Search comparison: airbus-aircraft\n\n" + "\n".join(lines) + f"\n\n{notes}\n\nCommand: `{command}`\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="yolov8n,skynet")
+    ap.add_argument("--budgets", default="size=0.125,bops=0.02")
+    ap.add_argument("--episodes", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-images", type=int, default=16)
+    ap.add_argument("--reward-images", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    prep = load_config(REPO / "configs" / "airbus-prepare.yaml", PrepareConfig)
+    data_yaml = Path(prep.out) / "data.yaml"
+    rows = []
+    for model in args.models.split(","):
+        for budget in args.budgets.split(","):
+            rows += run(model, budget, args.episodes, data_yaml, args)
+            command = "python " + " ".join(["benchmarks/search_compare.py", *sys.argv[1:]])
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / "search_compare.json").write_text(json.dumps(rows, indent=2))
+            (RESULTS / "search_compare.md").write_text(_markdown(rows, command))
+    print(_markdown(rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

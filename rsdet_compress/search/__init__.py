@@ -1,0 +1,1 @@
+"""AJPQ/ABCP search: environment, agents, rewards, searchers."""

@@ -1,0 +1,245 @@
+"""AJPQ's hierarchical DDPG agent: a layer controller picks sparsity, a channel controller picks bits given it.
+
+Structure follows AMC/HAQ (mit-han-lab ``lib/rl/ddpg.py``): actor/critic MLPs
+with target copies and soft updates, a replay buffer, uniform random warm-up
+episodes, truncated-normal exploration whose sigma decays per episode, and
+an episodic reward (one candidate evaluation per episode) given to every
+step and centred by a moving-average baseline. The AJPQ twist is the actor:
+
+    a[0]   = actor_l(s)            layer controller: sparsity of this layer
+    a[1:3] = actor_c(s, a[0])      channel controller: mean bits, bit spread
+
+so the bit allocation is chosen knowing how much of the layer survives.
+
+Critic target. Every transition carries the same final reward R (AMC/HAQ),
+so we regress ``Q(s_t, a_t) -> R - b`` (``discount = 0``, the default): the
+critic estimates the episode's outcome given this layer's decision, and the
+actor climbs it. Bootstrapping (``discount > 0``, which uses the target
+networks) would add R to itself up to T times along the episode.
+The baseline ``b`` is subtracted when a batch is sampled, as AMC/HAQ's
+``update_policy`` does, so all transitions in a batch share one baseline.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .replay import ReplayBuffer
+
+ACTION_DIM = 3  # sparsity, mean-bit position, bit spread
+_NORMAL = NormalDist()
+
+
+@dataclass
+class DDPGConfig:
+    hidden: tuple[int, int] = (300, 300)  # AMC/HAQ's 300-300 MLPs: tiny next to a detector evaluation, ample for ~10-d states
+    lr_actor: float = 1e-4  # AMC/HAQ: the actor moves slower than the critic it climbs
+    lr_critic: float = 1e-3  # AMC/HAQ
+    tau: float = 0.01  # AMC/HAQ soft target update rate
+    discount: float = 0.0  # every step already carries the final reward (see module docstring)
+    batch_size: int = 64  # AMC/HAQ minibatch
+    buffer_episodes: int = 2000  # capacity in episodes (x T steps): a 100-300 episode search never overwrites
+    warmup_episodes: int = 10  # uniform random episodes before learning; AMC/HAQ use 20-100 for 400-600 episode searches
+    sigma_init: float = 0.5  # AMC/HAQ initial truncated-normal std: broad exploration over [0, 1]
+    sigma_decay: float = 0.99  # per post-warm-up episode (HAQ); 0.5 -> ~0.07 after 200 episodes
+    baseline_decay: float = 0.9  # moving-average reward baseline: b = d*b + (1-d)*R, ~10-episode memory
+    updates_per_episode: int | None = None  # gradient steps per episode; None = T, one per transition as AMC/HAQ
+    init_w: float = 3e-3  # AMC/HAQ: last layers start near zero, so sigmoid actions start near 0.5
+
+
+def _mlp(n_in: int, hidden: Sequence[int], n_out: int, gen: torch.Generator, init_w: float) -> nn.Sequential:
+    """ReLU MLP initialised from ``gen`` (fan-in uniform, last layer +-init_w as AMC), never the global RNG."""
+    dims = [n_in, *hidden, n_out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        lin = torch.nn.utils.skip_init(nn.Linear, a, b)  # no default init: it would draw from the global RNG
+        last = i == len(dims) - 2
+        bound = init_w if last else 1.0 / math.sqrt(a)
+        with torch.no_grad():
+            lin.weight.uniform_(-bound, bound, generator=gen)
+            lin.bias.uniform_(-bound, bound, generator=gen)
+        layers += [lin] if last else [lin, nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class HierarchicalActor(nn.Module):
+    """Layer controller ``s -> a0`` and channel controller ``(s, a0) -> (a1, a2)``, all sigmoids in [0, 1]."""
+
+    def __init__(self, state_dim: int, hidden: Sequence[int], gen: torch.Generator, init_w: float) -> None:
+        super().__init__()
+        self.layer = _mlp(state_dim, hidden, 1, gen, init_w)
+        self.channel = _mlp(state_dim + 1, hidden, ACTION_DIM - 1, gen, init_w)
+
+    def sparsity(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.layer(s))
+
+    def bits(self, s: torch.Tensor, a0: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.channel(torch.cat([s, a0], -1)))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        a0 = self.sparsity(s)
+        return torch.cat([a0, self.bits(s, a0)], -1)
+
+
+class Critic(nn.Module):
+    """``Q(s, a)``: one MLP on the concatenated state and full action (AMC adds two input layers; same thing)."""
+
+    def __init__(self, state_dim: int, hidden: Sequence[int], gen: torch.Generator, init_w: float) -> None:
+        super().__init__()
+        self.net = _mlp(state_dim + ACTION_DIM, hidden, 1, gen, init_w)
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([s, a], -1)).squeeze(-1)
+
+
+def truncated_normal(mu: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Sample N(mu, sigma) truncated to [0, 1] by inverting the CDF (one uniform per entry, so RNG use is fixed)."""
+    mu = np.asarray(mu, np.float64).ravel()
+    u = rng.random(mu.shape[0])
+    if sigma <= 0:
+        return np.clip(mu, 0.0, 1.0)
+    out = np.empty_like(mu)
+    for i, (m, ui) in enumerate(zip(mu, u)):
+        lo, hi = _NORMAL.cdf((0.0 - m) / sigma), _NORMAL.cdf((1.0 - m) / sigma)
+        p = min(max(lo + ui * (hi - lo), 1e-12), 1.0 - 1e-12)
+        out[i] = m + sigma * _NORMAL.inv_cdf(p)
+    return np.clip(out, 0.0, 1.0)
+
+
+class AJPQAgent:
+    """Hierarchical DDPG over (sparsity, mean bits, bit spread) per layer; never skips blocks."""
+
+    config_cls = DDPGConfig
+
+    def __init__(self, state_dim: int, n_blocks: int = 0, seed: int = 0, config: DDPGConfig | None = None) -> None:
+        self.state_dim, self.n_blocks, self.seed = int(state_dim), int(n_blocks), int(seed)
+        self.config = cfg = config or DDPGConfig()
+        noise_seed, replay_seed = np.random.SeedSequence(seed).spawn(2)
+        self.rng = np.random.default_rng(noise_seed)  # warm-up actions and exploration noise
+        self._replay_seed = replay_seed
+        self.torch_gen = torch.Generator().manual_seed(seed)  # network initialisation
+        self.actor = HierarchicalActor(state_dim, cfg.hidden, self.torch_gen, cfg.init_w)
+        self.critic = Critic(state_dim, cfg.hidden, self.torch_gen, cfg.init_w)
+        self.actor_target = copy.deepcopy(self.actor)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr_actor)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
+        self.buffer: ReplayBuffer | None = None  # allocated on the first episode, once T is known
+        self.baseline: float | None = None  # moving average of episode rewards
+        self.sigma = cfg.sigma_init  # exploration std of the next post-warm-up episode
+        self.episodes_seen = 0
+        self.steps_per_episode = 0  # T, from the last observed episode
+
+    # -- acting ------------------------------------------------------------------------------
+    def select_blocks(self, episode: int) -> np.ndarray:
+        """AJPQ compresses every block: all zeros (1 would mean skip)."""
+        return np.zeros(self.n_blocks, np.int64)
+
+    def select_action(self, state: np.ndarray, episode: int) -> np.ndarray:
+        """Uniform random during warm-up; else the hierarchical actor with truncated-normal noise, in [0, 1]^3."""
+        if episode < self.config.warmup_episodes:
+            return self.rng.random(ACTION_DIM).astype(np.float32)
+        s = torch.as_tensor(np.asarray(state, np.float32)).unsqueeze(0)
+        with torch.no_grad():
+            a0 = truncated_normal(self.actor.sparsity(s).numpy(), self.sigma, self.rng)
+            mu_c = self.actor.bits(s, torch.as_tensor(a0, dtype=torch.float32).unsqueeze(0)).numpy()
+        a12 = truncated_normal(mu_c, self.sigma, self.rng)
+        return np.concatenate([a0, a12]).astype(np.float32)
+
+    def greedy_action(self, state: np.ndarray) -> np.ndarray:
+        """The actor's action without noise (for a final deterministic rollout)."""
+        with torch.no_grad():
+            return self.actor(torch.as_tensor(np.asarray(state, np.float32)).unsqueeze(0))[0].numpy()
+
+    # -- learning ----------------------------------------------------------------------------
+    def observe(self, traj: Sequence[tuple], blocks: np.ndarray, reward: float) -> None:
+        """Store the episode's (s, applied a, s', done) with its final reward; update baseline and sigma."""
+        cfg = self.config
+        if self.buffer is None:
+            self.buffer = ReplayBuffer(cfg.buffer_episodes * len(traj), self.state_dim, ACTION_DIM, self._replay_seed)
+        for s, a, s2, done in traj:
+            self.buffer.add(s, a, reward, s2, done)
+        r = float(reward)
+        self.baseline = r if self.baseline is None else cfg.baseline_decay * self.baseline + (1 - cfg.baseline_decay) * r
+        if self.episodes_seen >= cfg.warmup_episodes:
+            self.sigma *= cfg.sigma_decay
+        self.episodes_seen += 1
+        self.steps_per_episode = len(traj)
+
+    def update_policy(self) -> dict[str, float]:
+        """Minibatch critic/actor steps and soft target updates, once warm-up is over; returns mean losses."""
+        cfg = self.config
+        if self.buffer is None or self.episodes_seen < cfg.warmup_episodes:
+            return {}
+        n = cfg.updates_per_episode or self.steps_per_episode
+        lc = la = 0.0
+        for _ in range(n):
+            b = {k: torch.as_tensor(v) for k, v in self.buffer.sample(cfg.batch_size).items()}
+            target = b["rewards"] - float(self.baseline or 0.0)
+            if cfg.discount > 0:
+                with torch.no_grad():
+                    q2 = self.critic_target(b["next_states"], self.actor_target(b["next_states"]))
+                target = target + cfg.discount * (1 - b["dones"]) * q2
+            critic_loss = nn.functional.mse_loss(self.critic(b["states"], b["actions"]), target)
+            self.critic_opt.zero_grad()
+            critic_loss.backward()
+            self.critic_opt.step()
+            actor_loss = -self.critic(b["states"], self.actor(b["states"])).mean()
+            self.actor_opt.zero_grad()
+            actor_loss.backward()
+            self.actor_opt.step()
+            self._soft_update()
+            lc += critic_loss.item()
+            la += actor_loss.item()
+        return {"critic_loss": lc / n, "actor_loss": la / n}
+
+    def _soft_update(self) -> None:
+        tau = self.config.tau
+        with torch.no_grad():
+            for net, tgt in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
+                for p, pt in zip(net.parameters(), tgt.parameters()):
+                    pt.mul_(1 - tau).add_(p, alpha=tau)
+
+    # -- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything for a bit-exact resume (copies, not views): nets, optimisers, replay, baseline, sigma, RNGs."""
+        nets = {k: _clone(getattr(self, k).state_dict()) for k in ("actor", "actor_target", "critic", "critic_target")}
+        return {
+            "agent": "ajpq", "config": asdict(self.config), "state_dim": self.state_dim, "n_blocks": self.n_blocks,
+            **nets,
+            "actor_opt": copy.deepcopy(self.actor_opt.state_dict()),
+            "critic_opt": copy.deepcopy(self.critic_opt.state_dict()),
+            "replay": None if self.buffer is None else self.buffer.state_dict(),
+            "baseline": self.baseline, "sigma": self.sigma,
+            "episodes_seen": self.episodes_seen, "steps_per_episode": self.steps_per_episode,
+            "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore from ``state_dict()`` (the agent must have been built with the same state_dim and config)."""
+        if d.get("agent") != "ajpq" or int(d["state_dim"]) != self.state_dim:
+            raise ValueError(f"not an AJPQ state for state_dim={self.state_dim}")
+        for k in ("actor", "actor_target", "critic", "critic_target"):
+            getattr(self, k).load_state_dict(d[k])
+        self.actor_opt.load_state_dict(copy.deepcopy(d["actor_opt"]))
+        self.critic_opt.load_state_dict(copy.deepcopy(d["critic_opt"]))
+        self.buffer = None
+        if d["replay"] is not None:
+            self.buffer = ReplayBuffer(int(d["replay"]["capacity"]), self.state_dim, ACTION_DIM)
+            self.buffer.load_state_dict(d["replay"])
+        self.baseline = d["baseline"]
+        self.sigma = float(d["sigma"])
+        self.episodes_seen, self.steps_per_episode = int(d["episodes_seen"]), int(d["steps_per_episode"])
+        self.rng.bit_generator.state = d["rng"]
+        self.torch_gen.set_state(d["torch_gen"])
+
+
+def _clone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in sd.items()}

@@ -1,0 +1,63 @@
+"""Candidate evaluation for a search: reward chips decoded once, mAP after calibration, timed.
+
+The reward split is taken from the TRAINING chips (the reporting split is
+never touched): a seeded shuffle of the training images gives ``calib``
+chips for BN/activation calibration and a disjoint set of ``reward`` chips
+scored with pycocotools. Both are decoded and letterboxed once per search.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from rsdet_compress.compress.compressor import Workspace
+from rsdet_compress.compress.policy import Policy
+from rsdet_compress.data.config import load_data_config
+from rsdet_compress.engine.evalset import EvalSet, load_coco
+from rsdet_compress.engine.evaluator import Evaluator
+from rsdet_compress.errors import UserError
+
+
+def train_subsets(data_yaml: str, imgsz: int, calib: int, reward: int, seed: int = 0) -> tuple[EvalSet, EvalSet]:
+    """(calibration set, reward set): disjoint, seeded samples of the training chips."""
+    cfg = load_data_config(data_yaml)
+    coco_json, image_dir = cfg.split_coco("train"), cfg.split_images("train")
+    ids = sorted(load_coco(coco_json).getImgIds())
+    if len(ids) < calib + reward:
+        raise UserError(f"{data_yaml}: {len(ids)} training chips, fewer than --calib-images {calib} + "
+                        f"--reward-images {reward}")
+    random.Random(seed).shuffle(ids)
+    return (EvalSet.from_coco(coco_json, image_dir, imgsz, image_ids=ids[:calib]),
+            EvalSet.from_coco(coco_json, image_dir, imgsz, image_ids=ids[calib:calib + reward]))
+
+
+class CandidateEvaluator:
+    """``policy -> metrics``: apply to the shared float model, calibrate, score on the reward chips."""
+
+    def __init__(self, ws: Workspace, calib: EvalSet, reward: EvalSet, batch: int = 16, device: str = "cpu"):
+        self.ws, self.calib = ws, calib
+        self.evaluator = Evaluator(reward, batch=batch, device=device)
+        self.device = device
+        self.seconds: list[float] = []
+
+    def __call__(self, policy: Policy) -> dict:
+        t0 = time.perf_counter()
+        model = self.ws.apply(policy, self.calib).to(self.device)
+        m = self.evaluator(model)
+        self.seconds.append(time.perf_counter() - t0)
+        return {"map50": m["map50"], "map50_95": m["map50_95"], "eval_seconds": self.seconds[-1]}
+
+    @torch.inference_mode()
+    def forward_seconds(self, repeats: int = 2) -> float:
+        """Bare batched forward pass of the float model over the reward chips (best of ``repeats``)."""
+        model = self.ws.view.model.to(self.device).eval()
+        es, batch = self.evaluator.evalset, self.evaluator.batch
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(0, len(es), batch):
+                model(es.images[i:i + batch].to(self.device).float().div_(255))
+            best = min(best, time.perf_counter() - t0)
+        return best

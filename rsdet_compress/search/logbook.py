@@ -1,0 +1,181 @@
+"""MLflow records of a search: one parent run, one nested run per candidate, never lost, never twice.
+
+Uses ``MlflowClient`` with explicit run ids (no global "active run"), so a
+resumed search appends to the same parent. A candidate whose logging fails
+(store unreachable) is kept in ``pending`` (saved with the search checkpoint)
+and written on the next successful call; at the end anything still pending
+goes to ``pending.jsonl`` in the search folder.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rsdet_compress.errors import UserError
+from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, clean_key, default_tracking_uri, flatten
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+    return MlflowClient(uri)
+
+
+def check_store(uri: str | None = None) -> str:
+    """The tracking URI, or a UserError if the store cannot be reached (before any work starts)."""
+    import os
+    uri = uri or default_tracking_uri()
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")  # fail fast here
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any backend failure means "unreachable"
+        raise UserError(f"MLflow store {uri} is unreachable ({type(e).__name__}: {str(e)[:120]})") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return uri
+
+
+def candidate_record(cand, group_sizes: dict[str, int], stage: str = "") -> dict:
+    """Everything one nested run holds: params (policy summary), metrics, the policy JSON."""
+    policy = cand.policy
+    bits = [b for spec in policy.layers.values() for b in
+            (spec["weight_bits"] if isinstance(spec["weight_bits"], list) else [spec["weight_bits"]])]
+    sparsity = [1 - len(policy.groups[g]["keep_idx"]) / n if g in policy.groups else 0.0
+                for g, n in group_sizes.items()]
+    metrics = {"map50": cand.metrics.get("map50"), "map50_95": cand.metrics.get("map50_95"),
+               "reward": cand.reward, "size_bytes": cand.cost.size_bytes, "params": cand.cost.params,
+               "flops": cand.cost.flops, "bops": cand.cost.bops, "compression_ratio": cand.ratios["size"],
+               "bops_ratio": cand.ratios["bops"], "flops_ratio": cand.ratios["flops"],
+               "eval_seconds": cand.metrics.get("eval_seconds", cand.seconds),
+               **{f"usage.{k}": v for k, v in cand.usage.items()}}
+    params = {"episode": cand.episode, "stage": stage or "search",
+              "mean_weight_bits": round(sum(bits) / len(bits), 3) if bits else 32,
+              "mean_sparsity": round(sum(sparsity) / len(sparsity), 4) if sparsity else 0.0,
+              "pruned_groups": len(policy.groups), "skipped_blocks": len(policy.skipped),
+              "quantized_layers": len(policy.layers)}
+    return {"episode": cand.episode, "params": params, "metrics": metrics, "policy": policy.to_dict()}
+
+
+class Logbook:
+    """Parent run + nested candidate runs in one experiment of one store."""
+
+    def __init__(self, uri: str, experiment: str = DEFAULT_EXPERIMENT, parent: str | None = None):
+        self.uri, self.experiment = uri, experiment
+        self.parent = parent
+        self.pending: list[dict] = []
+
+    def start(self, name: str, params: dict, tags: dict) -> str:
+        """Create the parent run (status RUNNING) and return its id."""
+        client = _client(self.uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment, artifact_location=_artifacts(self.uri))
+        run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+        self.parent = run.info.run_id
+        _log_params(client, self.parent, params)
+        return self.parent
+
+    def children(self) -> list:
+        """Active nested runs of the parent (all candidates logged so far)."""
+        client = _client(self.uri)
+        exp_id = client.get_run(self.parent).info.experiment_id
+        return client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent}'",
+                                  max_results=50000)
+
+    def forget_from(self, episode: int) -> int:
+        """Delete nested runs of episodes >= ``episode`` (logged after the last checkpoint): no duplicates."""
+        client = _client(self.uri)
+        stale = [r for r in self.children() if int(r.data.tags.get("episode", -1)) >= episode]
+        for r in stale:
+            client.delete_run(r.info.run_id)
+        return len(stale)
+
+    def log_candidate(self, record: dict) -> bool:
+        """Write (or queue) one candidate; returns True when everything queued is in MLflow."""
+        self.pending.append(record)
+        return self.flush()
+
+    def flush(self) -> bool:
+        while self.pending:
+            try:
+                self._write(self.pending[0])
+            except Exception:  # noqa: BLE001 - store down: keep it for later, the search goes on
+                return False
+            self.pending.pop(0)
+        return True
+
+    def _write(self, rec: dict) -> None:
+        client = _client(self.uri)
+        exp_id = client.get_run(self.parent).info.experiment_id
+        run = client.create_run(exp_id, run_name=f"candidate-{rec['episode']:04d}",
+                                tags={PARENT_TAG: self.parent, "episode": str(rec["episode"]),
+                                      "stage": rec["params"].get("stage", "")})
+        rid = run.info.run_id
+        _log_params(client, rid, rec["params"])
+        _log_metrics(client, rid, rec["metrics"])
+        client.log_text(rid, json.dumps(rec["policy"], indent=1), "policy.json")
+        client.set_terminated(rid, "FINISHED")
+
+    def update_parent(self, metrics: dict, step: int) -> None:
+        try:
+            _log_metrics(_client(self.uri), self.parent, metrics, step)
+        except Exception:  # noqa: BLE001 - best-so-far curves are a convenience; candidates are not
+            pass
+
+    def finish(self, artifacts: list[Path], status: str = "FINISHED", fallback: Path | None = None) -> None:
+        """Attach artifacts, end the parent run; unwritten candidates go to ``fallback`` (JSONL)."""
+        if not self.flush() and fallback is not None:
+            fallback.write_text("".join(json.dumps(r) + "\n" for r in self.pending))
+        client = _client(self.uri)
+        for path in artifacts:
+            client.log_artifact(self.parent, str(path))
+        client.set_terminated(self.parent, status)
+
+
+def _artifacts(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the sqlite file
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+    flat = [Param(clean_key(k), str(v)[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run_id, params=flat[i:i + 100])
+
+
+def _log_metrics(client, run_id: str, metrics: dict, step: int = 0) -> None:
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    flat = [Metric(clean_key(k), float(v), now, step) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+    if flat:
+        client.log_batch(run_id, metrics=flat)
+
+
+def load_search(uri: str, run_id: str) -> tuple[str, dict, list[dict]]:
+    """(agent name, parent tags, candidate records) of one search's parent run, from MLflow."""
+    client = _client(uri)
+    try:
+        parent = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - mlflow raises its own exception types per backend
+        raise UserError(f"no MLflow run {run_id!r} in {uri}") from None
+    if parent.data.tags.get("stage") != "search":
+        raise UserError(f"run {run_id} is not a search (tag stage={parent.data.tags.get('stage')!r})")
+    book = Logbook(uri, parent=run_id)
+    recs = []
+    for r in book.children():
+        params = dict(r.data.params)
+        for k in ("mean_weight_bits", "mean_sparsity"):
+            if k in params:
+                params[k] = float(params[k])
+        recs.append({"episode": int(r.data.tags.get("episode", -1)), "params": params, "metrics": dict(r.data.metrics)})
+    recs.sort(key=lambda r: r["episode"])
+    return parent.data.tags.get("agent", "search"), dict(parent.data.tags), recs

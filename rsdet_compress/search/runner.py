@@ -1,0 +1,214 @@
+"""``search(...)``: run a searcher for N candidate evaluations, log each to MLflow, resume after a crash.
+
+Order per episode (what makes ``kill -9`` at any moment safe): evaluate ->
+log the nested run (tag ``episode``) -> write the checkpoint atomically. On
+``resume``, nested runs of episodes after the checkpoint (logged, then
+killed before the checkpoint) are deleted and the episode is re-run; the
+agent, replay buffer and RNGs come from the checkpoint, so it is the same
+candidate. Nothing is lost and nothing is logged twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rsdet_compress.compress.compressor import Workspace
+from rsdet_compress.compress.policy import Policy
+from rsdet_compress.data.config import load_data_config
+from rsdet_compress.errors import UserError
+from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.env import CompressEnv, EnvConfig
+from rsdet_compress.search.evaluation import CandidateEvaluator, train_subsets
+from rsdet_compress.search.logbook import Logbook, candidate_record, check_store
+from rsdet_compress.search.report import plot_searches, summary_row
+from rsdet_compress.search.rewards import get_reward
+from rsdet_compress.search.searchers import SEARCHERS, make_searcher
+from rsdet_compress.settings import runs_root
+from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT
+
+METRICS = ("map50", "map50_95")
+
+
+@dataclass
+class SearchConfig:
+    """One search. Saved in the checkpoint, so ``--resume`` needs only the run id."""
+
+    weights: str = ""
+    data: str = ""
+    #: ajpq | abcp | random | two-stage | uniform
+    agent: str = "ajpq"
+    #: e.g. ["size=0.125"] (8x smaller weight storage) and/or ["bops=0.02"]
+    budget: list[str] = field(default_factory=lambda: ["size=0.125"])
+    #: candidate evaluations; AMC/HAQ use hundreds, 100-300 is a practical CPU range
+    episodes: int = 100
+    seed: int = 0
+    #: reward function name (search.rewards); accuracy under the hard budget is HAQ's choice
+    reward: str = "accuracy"
+    #: the accuracy the reward reads: COCO mAP@0.5 by default, or map50_95
+    metric: str = "map50"
+    #: channel ranking criterion shared by both controllers (l1 | l2 | bn_scale | taylor)
+    criterion: str = "l1"
+    #: training chips for BN/activation calibration of every candidate
+    calib_images: int = 32
+    #: other training chips the reward mAP is measured on (never the reporting split)
+    reward_images: int = 64
+    #: activation bits of quantized layers
+    act_bits: int = 8
+    #: largest fraction of a group the agent may prune
+    max_sparsity: float = 0.8
+    experiment: str = DEFAULT_EXPERIMENT
+    device: str = "cpu"
+
+
+@dataclass
+class SearchResult:
+    run_id: str
+    best: dict | None
+    best_policy: Policy | None
+    candidates: list[dict]
+    wall_seconds: float
+    eval_ratio: float | None
+    out_dir: str
+
+
+def _state_dir(run_id: str) -> Path:
+    return runs_root() / "search" / run_id
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _check(cfg: SearchConfig) -> Budget:
+    if cfg.agent not in SEARCHERS:
+        raise UserError(f"unknown agent {cfg.agent!r}; choose one of {', '.join(SEARCHERS)}")
+    get_reward(cfg.reward)
+    if cfg.metric not in METRICS:
+        raise UserError(f"unknown reward metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
+    if cfg.episodes < 1:
+        raise UserError("--episodes must be >= 1")
+    if not cfg.weights or not Path(cfg.weights).is_file():
+        raise UserError(f"{cfg.weights or '--weights'}: weights file not found")
+    load_data_config(cfg.data)
+    return Budget.parse(cfg.budget)
+
+
+def search(config: SearchConfig | None = None, resume: str | None = None, progress: bool = True,
+           tracking_uri: str | None = None, **overrides) -> SearchResult:
+    """Run (or resume) a compression search; every candidate becomes a nested MLflow run."""
+    uri = check_store(tracking_uri)
+    state = None
+    if resume:
+        path = _state_dir(resume) / "state.pt"
+        if not path.is_file():
+            raise UserError(f"--resume {resume}: no search checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = SearchConfig(**{**state["config"], **{k: v for k, v in overrides.items() if k == "episodes"}})
+    else:
+        cfg = config or SearchConfig()
+        cfg = SearchConfig(**{**asdict(cfg), **overrides})
+    budget = _check(cfg)
+    torch.manual_seed(cfg.seed)
+
+    ws = Workspace.from_weights(cfg.weights)
+    names = load_data_config(cfg.data).names
+    if ws.meta.get("num_classes") not in (None, len(names)):
+        raise UserError(f"{cfg.weights}: weights detect {ws.meta['num_classes']} classes, "
+                        f"{cfg.data} has {len(names)}; search with weights trained on this data set")
+    calib, reward_set = train_subsets(cfg.data, ws.view.imgsz, cfg.calib_images, cfg.reward_images, cfg.seed)
+    ws.grad_set = calib
+    scores = ws.scores(cfg.criterion)
+    evaluator = CandidateEvaluator(ws, calib, reward_set, device=cfg.device)
+    reward_fn = get_reward(cfg.reward)
+
+    def make_env(env_cfg: EnvConfig, which) -> CompressEnv:
+        b = budget.scaled(0.5) if which == "half" else budget
+        return CompressEnv(ws.view, scores, b, evaluator, reward_fn, cfg.metric, env_cfg, cfg.criterion)
+
+    env_cfg = EnvConfig(act_bits=cfg.act_bits, max_sparsity=cfg.max_sparsity)
+    searcher = make_searcher(cfg.agent, make_env, cfg.episodes, cfg.seed, env_cfg)
+    book = Logbook(uri, cfg.experiment, parent=resume)
+    group_sizes = {g: grp.size for g, grp in ws.view.groups.items()}
+    if state is None:
+        data = load_data_config(cfg.data)
+        run_id = book.start(f"search-{cfg.agent}-{ws.view.detector}",
+                            params={**asdict(cfg), "budget": str(budget), "data_prep": data.prep},
+                            tags={"stage": "search", "detector": ws.view.detector, "agent": cfg.agent,
+                                  "weights_fingerprint": ws.weights_fp, "budget": str(budget)})
+        records, start, wall0 = [], 0, 0.0
+        summary = data.yaml_path.parent / "summary.json"
+        if summary.is_file():
+            book_artifacts = [summary]
+        else:
+            book_artifacts = []
+    else:
+        run_id = resume
+        searcher.load_state_dict(state["searcher"])
+        book.pending = state["pending"]
+        records, start, wall0 = state["records"], state["next_episode"], state["wall_seconds"]
+        book.forget_from(start)
+        book_artifacts = []
+    out_dir = _state_dir(run_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    forward_s = evaluator.forward_seconds()
+
+    bar = _progress(cfg.episodes, start, progress)
+    t0 = time.perf_counter() - wall0
+    best = max((r for r in records if r["metrics"]["meets_budget"]), key=lambda r: r["metrics"]["reward"],
+               default=None)
+    for episode in range(start, cfg.episodes):
+        cand = searcher.run_episode(episode)
+        stage = searcher.stage(episode) if hasattr(searcher, "stage") else cfg.agent
+        rec = candidate_record(cand, group_sizes, stage)
+        rec["metrics"]["meets_budget"] = int(cand.meets_budget)
+        book.log_candidate(rec)
+        summary_rec = {k: rec[k] for k in ("episode", "params", "metrics")}
+        records.append(summary_rec)
+        if cand.meets_budget and (best is None or cand.reward > best["metrics"]["reward"]):
+            best = {**summary_rec, "policy": rec["policy"]}
+        if best:
+            book.update_parent({"best_reward": best["metrics"]["reward"], f"best_{cfg.metric}": best["metrics"][cfg.metric],
+                                "best_compression_ratio": best["metrics"]["compression_ratio"]}, step=episode)
+        _save_state(out_dir / "state.pt", {
+            "config": asdict(cfg), "searcher": searcher.state_dict(), "pending": book.pending,
+            "records": records, "best": best, "next_episode": episode + 1, "wall_seconds": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix_str(f"best reward {best['metrics']['reward']:.4f} {cfg.metric} "
+                            f"{best['metrics'][cfg.metric]:.4f} | now {cand.ratios['size']:.1f}x smaller, "
+                            f"{cand.ratios['bops']:.0f}x fewer BOPs" if best else "no candidate in budget yet")
+    bar.close()
+    if state is not None and start >= cfg.episodes:
+        best = state["best"]
+    wall = time.perf_counter() - t0
+    mean_eval = sum(evaluator.seconds) / len(evaluator.seconds) if evaluator.seconds else None
+    ratio = mean_eval / forward_s if mean_eval and forward_s > 0 else None
+    artifacts = list(book_artifacts)
+    (out_dir / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    artifacts.append(plot_searches({cfg.agent: records}, out_dir / "pareto.png", cfg.metric))
+    artifacts.append(out_dir / "candidates.jsonl")
+    best_policy = None
+    if best:
+        best_policy = Policy.from_dict(best["policy"], source="search")
+        best_policy.weights = ws.weights_fp
+        best_policy.save(out_dir / "best_policy.json")
+        artifacts.append(out_dir / "best_policy.json")
+    row = summary_row(cfg.agent, records, cfg.metric)
+    (out_dir / "summary.json").write_text(json.dumps({**row, "wall_seconds": wall, "eval_ratio": ratio,
+                                                      "forward_seconds": forward_s, "mean_eval_seconds": mean_eval},
+                                                     indent=2))
+    artifacts.append(out_dir / "summary.json")
+    book.update_parent({"wall_seconds": wall, "eval_ratio": ratio or 0.0}, step=cfg.episodes)
+    book.finish(artifacts, fallback=out_dir / "pending.jsonl")
+    return SearchResult(run_id, best, best_policy, records, wall, ratio, str(out_dir))
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, disable=not enabled, desc="search", unit="cand", dynamic_ncols=True)

@@ -1,0 +1,169 @@
+"""Searchers: one interface, one result type, so every comparison spends the same candidate evaluations.
+
+A searcher runs one episode per call (``run_episode``) and returns the
+evaluated :class:`~rsdet_compress.search.env.Candidate`; ``state_dict`` /
+``load_state_dict`` make it resumable after a crash. Registry: ``SEARCHERS``.
+
+* ``ajpq``: the hierarchical DDPG agent (layer controller: sparsity; channel
+  controller: bits over the kept channels), no block skipping.
+* ``abcp``: policy gradient over block keep/skip plus the same per-layer actions.
+* ``random``: uniform random actions (and block skips) through the same
+  environment, so every candidate meets the same budget.
+* ``two-stage``: first half of the episodes searches pruning only (float
+  weights, half the compression in log space), the second half searches
+  bit-widths on the best pruned structure under the full budget.
+* ``uniform``: uniform 8/6/5/4/3/2-bit weights, no pruning (at most 6 candidates).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from rsdet_compress.compress.baselines import uniform_bits
+from rsdet_compress.errors import UserError
+from rsdet_compress.search.agents import make_agent
+from rsdet_compress.search.env import STATE_DIM, Candidate, CompressEnv, EnvConfig
+
+EnvFactory = Callable[[EnvConfig, object], CompressEnv]  # (config, budget or None for the search's) -> env
+
+
+def _episode(env: CompressEnv, agent, episode: int) -> Candidate:
+    """One AMC/HAQ episode: walk the layers, evaluate, let the agent learn from the final reward."""
+    blocks = agent.select_blocks(episode)
+    s = env.reset(blocks)
+    traj = []
+    while True:
+        a = agent.select_action(s, episode)
+        s2, done, applied = env.step(a)
+        traj.append((s, applied, s2, done))
+        s = s2
+        if done:
+            break
+    reward = env.finish()
+    agent.observe(traj, blocks, reward)
+    agent.update_policy()
+    return env.candidate
+
+
+class AgentSearcher:
+    """A learning agent (``ajpq`` or ``abcp``) in the joint environment."""
+
+    def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
+        self.name = name
+        self.env = make_env(env_cfg, None)
+        self.agent = make_agent(name, STATE_DIM, len(self.env.view.blocks), seed)
+
+    def run_episode(self, episode: int) -> Candidate:
+        return _episode(self.env, self.agent, episode)
+
+    def state_dict(self) -> dict:
+        return {"agent": self.agent.state_dict(), "env_episode": self.env.episode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.agent.load_state_dict(state["agent"])
+        self.env.episode = state["env_episode"]
+
+
+class RandomSearcher:
+    """Valid random policies under the same budget (the environment's wall projects every action)."""
+
+    def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig,
+                 skip_prob: float = 0.1):
+        self.name, self.skip_prob = name, skip_prob
+        self.env = make_env(env_cfg, None)
+        self.rng = np.random.default_rng(seed)
+
+    def run_episode(self, episode: int) -> Candidate:
+        s = self.env.reset(self.rng.random(len(self.env.view.blocks)) < self.skip_prob)
+        done = False
+        while not done:
+            s, done, _ = self.env.step(self.rng.random(3))
+        self.env.finish()
+        return self.env.candidate
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "env_episode": self.env.episode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.env.episode = state["env_episode"]
+
+
+class TwoStageSearcher:
+    """Prune first (AJPQ agent, float weights), then quantize the best pruned structure (a fresh agent)."""
+
+    def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
+        self.name, self.make_env, self.seed, self.env_cfg = name, make_env, seed, env_cfg
+        self.switch = max(1, episodes // 2)
+        self.prune_env = make_env(EnvConfig(**{**vars(env_cfg), "mode": "prune"}), "half")
+        self.prune_agent = make_agent("ajpq", STATE_DIM, 0, seed)
+        self.best_prune: tuple[float, dict] | None = None
+        self.quant_env = self.quant_agent = None
+
+    def _start_quant(self) -> None:
+        groups = self.best_prune[1] if self.best_prune else {}
+        self.quant_env = self.make_env(EnvConfig(**{**vars(self.env_cfg), "mode": "quant", "fixed_groups": groups}),
+                                       None)
+        self.quant_env.episode = self.switch - 1
+        self.quant_agent = make_agent("ajpq", STATE_DIM, 0, self.seed + 1)
+
+    def stage(self, episode: int) -> str:
+        return "prune" if episode < self.switch else "quant"
+
+    def run_episode(self, episode: int) -> Candidate:
+        if episode < self.switch:
+            self.prune_env.episode = episode - 1
+            cand = _episode(self.prune_env, self.prune_agent, episode)
+            if self.best_prune is None or cand.reward > self.best_prune[0]:
+                self.best_prune = (cand.reward, cand.policy.groups)
+            return cand
+        if self.quant_env is None:
+            self._start_quant()
+        self.quant_env.episode = episode - 1
+        return _episode(self.quant_env, self.quant_agent, episode)
+
+    def state_dict(self) -> dict:
+        return {"prune_agent": self.prune_agent.state_dict(), "best_prune": self.best_prune,
+                "quant_agent": self.quant_agent.state_dict() if self.quant_agent else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prune_agent.load_state_dict(state["prune_agent"])
+        self.best_prune = state["best_prune"]
+        if state["quant_agent"] is not None:
+            self._start_quant()
+            self.quant_agent.load_state_dict(state["quant_agent"])
+
+
+class UniformSearcher:
+    """Uniform n-bit weights (activations at the search's act bits), no pruning: the simplest baseline."""
+
+    LADDER = (8, 6, 5, 4, 3, 2)
+
+    def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
+        self.name = name
+        self.env = make_env(env_cfg, None)
+        self.act_bits = env_cfg.act_bits
+
+    def run_episode(self, episode: int) -> Candidate:
+        bits = self.LADDER[episode % len(self.LADDER)]
+        self.env.episode = episode
+        return self.env.score(uniform_bits(self.env.view, bits, self.act_bits), episode)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+SEARCHERS = {"ajpq": AgentSearcher, "abcp": AgentSearcher, "random": RandomSearcher,
+             "two-stage": TwoStageSearcher, "uniform": UniformSearcher}
+
+
+def make_searcher(name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
+    if name not in SEARCHERS:
+        raise UserError(f"unknown agent {name!r}; choose one of {', '.join(SEARCHERS)}")
+    if name == "uniform" and episodes > len(UniformSearcher.LADDER):
+        raise UserError(f"agent 'uniform' has {len(UniformSearcher.LADDER)} candidates; use --episodes <= 6")
+    return SEARCHERS[name](name, make_env, episodes, seed, env_cfg)

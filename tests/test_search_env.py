@@ -1,0 +1,121 @@
+"""The search environment over every registered detector: budgets always met, normalised states, determinism."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rsdet_compress.compress.importance import importance_scores
+from rsdet_compress.compress.view import CompressibleView
+from rsdet_compress.detectors.registry import create_detector, list_detectors
+from rsdet_compress.errors import UserError
+from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.env import BITS, STATE_DIM, CompressEnv, EnvConfig, bits_for
+from rsdet_compress.search.rewards import REWARDS, accuracy, accuracy_log_cost, get_reward
+
+torch.set_num_threads(1)
+IMGSZ = 256
+
+
+@pytest.fixture(scope="module", params=list_detectors())
+def view(request):
+    return CompressibleView(create_detector(request.param, 2), imgsz=IMGSZ)
+
+
+def _env(view, budget, cfg=None, seen=None):
+    def fake_eval(policy):  # cheap stand-in for mAP: rewards keeping bits and channels
+        if seen is not None:
+            seen.append(policy)
+        return {"map50": 0.5, "map50_95": 0.3}
+    return CompressEnv(view, importance_scores(view, "l1"), Budget.parse(budget), fake_eval, accuracy,
+                       config=cfg)
+
+
+def _run(env, actions, blocks=None):
+    s, states, applied = env.reset(blocks), [], []
+    done = False
+    while not done:
+        states.append(s)
+        s, done, a = env.step(actions(len(states) - 1))
+        applied.append(a)
+    env.finish()
+    return np.stack(states), np.stack(applied), env.candidate
+
+
+@pytest.mark.parametrize("budget", [["size=0.125"], ["bops=0.02"], ["size=0.1", "flops=0.4"]])
+def test_every_episode_meets_the_budget(view, budget):
+    env = _env(view, budget)
+    rng = np.random.default_rng(0)
+    greedy = _run(env, lambda t: np.array([0.0, 1.0, 0.0]))  # the most expensive action at every layer
+    assert greedy[2].meets_budget and env.budget.met(greedy[2].cost, env.ref)
+    assert (greedy[1][:, 1] < 1.0).any(), "the wall must have projected some greedy actions"
+    for _ in range(4):
+        states, applied, cand = _run(env, lambda t: rng.random(3), rng.random(len(view.blocks)) < 0.3)
+        assert cand.meets_budget, cand.usage
+        assert states.shape[1] == STATE_DIM and states.min() >= 0.0 and states.max() <= 1.0
+        assert applied.min() >= 0.0 and applied.max() <= 1.0
+        bits = [b for spec in cand.policy.layers.values()
+                for b in (spec["weight_bits"] if isinstance(spec["weight_bits"], list) else [spec["weight_bits"]])]
+        assert set(bits) <= set(BITS)
+
+
+def test_same_actions_give_the_same_episode(view):
+    env1, env2 = _env(view, ["size=0.125"]), _env(view, ["size=0.125"])
+    a = [_run(e, lambda t, r=np.random.default_rng(3): r.random(3)) for e in (env1, env2)]
+    assert np.array_equal(a[0][0], a[1][0]) and np.array_equal(a[0][1], a[1][1])
+    assert a[0][2].policy.to_dict() == a[1][2].policy.to_dict()
+
+
+def test_policy_of_an_episode_is_valid_and_costed_exactly(view):
+    from rsdet_compress.compress.cost import estimate
+    env = _env(view, ["size=0.125"])
+    _, _, cand = _run(env, lambda t: np.array([0.3, 0.5, 0.7]))
+    cand.policy.validate(view)
+    assert estimate(view, cand.policy).weight_bits == cand.cost.weight_bits
+    assert cand.usage["size"] <= 0.125 and cand.ratios["size"] >= 8
+
+
+def test_skipped_blocks_leave_the_walk(view):
+    if not view.blocks:
+        pytest.skip(f"{view.detector} has no skippable blocks")
+    env = _env(view, ["size=0.125"])
+    env.reset()
+    n_all = len(env.steps)
+    env.reset(np.ones(len(view.blocks)))
+    assert len(env.steps) < n_all and not set(env.steps) & {n for b in view.blocks for n in b.layers}
+
+
+def test_modes_prune_and_quant(view):
+    env = _env(view, ["size=0.5"], EnvConfig(mode="prune"))
+    _, applied, cand = _run(env, lambda t: np.array([0.6, 0.0, 0.0]))
+    assert not cand.policy.layers and cand.policy.groups and (applied[:, 1] == 1.0).all()
+    fixed = cand.policy.groups
+    env = _env(view, ["size=0.1"], EnvConfig(mode="quant", fixed_groups=fixed))
+    _, applied, cand = _run(env, lambda t: np.array([0.0, 0.5, 0.5]))
+    assert cand.policy.groups == fixed and cand.policy.layers
+
+
+def test_impossible_budget_is_refused_before_any_evaluation(view):
+    seen = []
+    with pytest.raises(UserError, match="impossible"):
+        _env(view, ["size=0.0005"], seen=seen)
+    assert not seen
+
+
+def test_bits_follow_importance():
+    imp = np.array([0.1, 5.0, 1.0, 3.0])
+    bits = bits_for(0.5, 1.0, imp)
+    assert bits[1] == max(bits) and bits[0] == min(bits) and bits[1] > bits[0]
+    assert bits_for(0.5, 0.0, imp) == [5] * 4 and bits_for(1.0, 0.0, imp) == [8] * 4
+    assert bits_for(0.0, 0.0, imp) == [2] * 4
+
+
+def test_budget_parsing_and_rewards():
+    assert Budget.parse(["size=1/8", "bops=50x"]).as_dict() == {"bops": 0.02, "size": 0.125}
+    for bad in ("size", "speed=0.5", "size=0", "size=2", "size=abc"):
+        with pytest.raises(UserError, match="budget"):
+            Budget.parse([bad])
+    with pytest.raises(UserError, match="accuracy_log_cost"):
+        get_reward("eval(1)")
+    assert set(REWARDS) >= {"accuracy", "accuracy_log_cost"}
+    assert accuracy_log_cost(0.5, {"size": 0.0625}) > accuracy_log_cost(0.5, {"size": 0.125}) > 0.5
