@@ -16,7 +16,7 @@ from rsdet_compress.compress.policy import Policy
 from rsdet_compress.search.runner import SearchConfig, search
 
 pytestmark = pytest.mark.slow
-SMALL = dict(calib_images=8, reward_images=16, budget=["size=0.125"])
+SMALL = dict(calib_images=4, reward_images=8, budget=["size=0.125"])
 METRICS = {"map50", "map50_95", "reward", "size_bytes", "compression_ratio", "params", "flops", "bops"}
 
 
@@ -29,11 +29,11 @@ def _children(uri: str, parent: str):
 
 @pytest.mark.parametrize("agent", ["ajpq", "abcp", "random", "two-stage"])
 def test_n_episodes_give_n_nested_runs(agent, trained_yolov8n: Path, small_airbus: Path):
-    cfg = SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent=agent, episodes=4, seed=0, **SMALL)
+    cfg = SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent=agent, episodes=3, seed=0, **SMALL)
     r = search(cfg, progress=False)
     uri = os.environ["MLFLOW_TRACKING_URI"]
     kids = _children(uri, r.run_id)
-    assert sorted(int(k.data.tags["episode"]) for k in kids) == [0, 1, 2, 3]
+    assert sorted(int(k.data.tags["episode"]) for k in kids) == [0, 1, 2]
     for k in kids:
         assert METRICS <= set(k.data.metrics) and k.info.status == "FINISHED"
         assert {"mean_weight_bits", "mean_sparsity"} <= set(k.data.params)
@@ -52,8 +52,8 @@ def test_n_episodes_give_n_nested_runs(agent, trained_yolov8n: Path, small_airbu
 def test_resume_after_kill_loses_and_duplicates_nothing(trained_yolov8n: Path, small_airbus: Path, tmp_path: Path):
     uri = os.environ["MLFLOW_TRACKING_URI"]
     args = ["search", "--weights", str(trained_yolov8n), "--data", str(small_airbus), "--agent", "ajpq",
-            "--episodes", "7", "--seed", "1", "--calib-images", "8", "--reward-images", "16", "--quiet"]
-    ref = search(SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="ajpq", episodes=7,
+            "--episodes", "6", "--seed", "1", "--calib-images", "4", "--reward-images", "8", "--quiet"]
+    ref = search(SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="ajpq", episodes=6,
                               seed=1, **SMALL), progress=False)
     code = "import sys; from rsdet_compress.cli.main import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=os.environ.copy(),
@@ -71,10 +71,10 @@ def test_resume_after_kill_loses_and_duplicates_nothing(trained_yolov8n: Path, s
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     run_id = state.parent.name
-    assert len(_children(uri, run_id)) < 7
-    assert main(["search", "--resume", run_id, "--episodes", "7", "--quiet"]) == 0
+    assert len(_children(uri, run_id)) < 6
+    assert main(["search", "--resume", run_id, "--episodes", "6", "--quiet"]) == 0
     kids = _children(uri, run_id)
-    assert sorted(int(k.data.tags["episode"]) for k in kids) == list(range(7))
+    assert sorted(int(k.data.tags["episode"]) for k in kids) == list(range(6))
     # the same candidates as the uninterrupted search with the same seed
     mine = {int(k.data.tags["episode"]): k.data.metrics["size_bytes"] for k in kids}
     theirs = {r["episode"]: r["metrics"]["size_bytes"] for r in ref.candidates}

@@ -19,7 +19,11 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 def _client(uri: str):
+    import logging
+
     from mlflow import MlflowClient
+    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..." is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(uri)
 
 

@@ -103,8 +103,10 @@ def _check(cfg: SearchConfig) -> Budget:
 def search(config: SearchConfig | None = None, resume: str | None = None, progress: bool = True,
            tracking_uri: str | None = None, **overrides) -> SearchResult:
     """Run (or resume) a compression search; every candidate becomes a nested MLflow run."""
-    uri = check_store(tracking_uri)
     state = None
+    if not resume:  # cheap argument checks first: bad input fails before MLflow or the model is touched
+        _check(SearchConfig(**{**asdict(config or SearchConfig()), **overrides}))
+    uri = check_store(tracking_uri)
     if resume:
         path = _state_dir(resume) / "state.pt"
         if not path.is_file():
@@ -161,8 +163,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
 
     bar = _progress(cfg.episodes, start, progress)
     t0 = time.perf_counter() - wall0
-    best = max((r for r in records if r["metrics"]["meets_budget"]), key=lambda r: r["metrics"]["reward"],
-               default=None)
+    best = state["best"] if state is not None else None  # carries the policy, unlike the summary records
     for episode in range(start, cfg.episodes):
         cand = searcher.run_episode(episode)
         stage = searcher.stage(episode) if hasattr(searcher, "stage") else cfg.agent
@@ -184,8 +185,6 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
                             f"{best['metrics'][cfg.metric]:.4f} | now {cand.ratios['size']:.1f}x smaller, "
                             f"{cand.ratios['bops']:.0f}x fewer BOPs" if best else "no candidate in budget yet")
     bar.close()
-    if state is not None and start >= cfg.episodes:
-        best = state["best"]
     wall = time.perf_counter() - t0
     mean_eval = sum(evaluator.seconds) / len(evaluator.seconds) if evaluator.seconds else None
     ratio = mean_eval / forward_s if mean_eval and forward_s > 0 else None

@@ -45,8 +45,8 @@ class DDPGConfig:
     tau: float = 0.01  # AMC/HAQ soft target update rate
     discount: float = 0.0  # every step already carries the final reward (see module docstring)
     batch_size: int = 64  # AMC/HAQ minibatch
-    buffer_episodes: int = 2000  # capacity in episodes (x T steps): a 100-300 episode search never overwrites
-    warmup_episodes: int = 10  # uniform random episodes before learning; AMC/HAQ use 20-100 for 400-600 episode searches
+    buffer_episodes: int = 50  # TODO
+    warmup_episodes: int = 20  # TODO
     sigma_init: float = 0.5  # AMC/HAQ initial truncated-normal std: broad exploration over [0, 1]
     sigma_decay: float = 0.99  # per post-warm-up episode (HAQ); 0.5 -> ~0.07 after 200 episodes
     baseline_decay: float = 0.9  # moving-average reward baseline: b = d*b + (1-d)*R, ~10-episode memory
