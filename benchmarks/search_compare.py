@@ -32,6 +32,7 @@ from rsdet_compress.engine.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator
 from rsdet_compress.engine.trainer import TrainConfig
 from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.report import format_table
 from rsdet_compress.search.runner import SearchConfig, search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,15 +82,12 @@ def run(model: str, budget: str, episodes: int, data_yaml: Path, args) -> list[d
 def _markdown(rows: list[dict], command: str) -> str:
     cols = ["model", "budget", "agent", "test_map50", "test_map50_95", "reward_map50", "x_smaller", "x_fewer_bops",
             "x_fewer_flops", "candidates", "wall_min", "eval_ratio"]
-    def fmt(v):
-        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    table = format_table([{c: r[c] for c in cols} for r in rows])
     notes = ("test_map50: best policy of the search on the held-out airbus test split, calibrated (BN when pruned, "
              "activation ranges), no fine-tuning. reward_map50: the same policy on the search's reward chips "
              "(training split). eval_ratio: mean candidate evaluation time (apply + calibrate + forward + NMS + "
              "COCOeval) / bare forward time over the same reward chips.")
-    return f"# Search comparison: airbus-aircraft\n\n" + "\n".join(lines) + f"\n\n{notes}\n\nCommand: `{command}`\n"
+    return f"# Search comparison: airbus-aircraft\n\n{table}\n\n{notes}\n\nCommand: `{command}`\n"
 
 
 def main() -> int:

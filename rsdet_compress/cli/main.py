@@ -209,28 +209,20 @@ def _run_predict(args) -> None:
     print(f"{len(coco['annotations'])} detections in {len(coco['images'])} image(s) -> {args.out}")
 
 
+def _run_models(args) -> None:
+    from rsdet_compress.detectors.registry import list_detectors
+    print("\n".join(list_detectors()))
+
+
+COMMANDS = {"data": _run_prepare, "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
+            "policy": _run_policy, "compress": _run_compress, "search": run_search, "compare": run_compare,
+            "models": _run_models}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "data":
-            _run_prepare(args)
-        elif args.command == "train":
-            _run_train(args)
-        elif args.command == "evaluate":
-            _run_evaluate(args)
-        elif args.command == "predict":
-            _run_predict(args)
-        elif args.command == "policy":
-            _run_policy(args)
-        elif args.command == "compress":
-            _run_compress(args)
-        elif args.command == "search":
-            run_search(args)
-        elif args.command == "compare":
-            run_compare(args)
-        elif args.command == "models":
-            from rsdet_compress.detectors.registry import list_detectors
-            print("\n".join(list_detectors()))
+        COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code

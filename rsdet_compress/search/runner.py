@@ -146,10 +146,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
                                   "weights_fingerprint": ws.weights_fp, "budget": str(budget)})
         records, start, wall0 = [], 0, 0.0
         summary = data.yaml_path.parent / "summary.json"
-        if summary.is_file():
-            book_artifacts = [summary]
-        else:
-            book_artifacts = []
+        book_artifacts = [summary] if summary.is_file() else []
     else:
         run_id = resume
         searcher.load_state_dict(state["searcher"])
