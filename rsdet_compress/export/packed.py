@@ -1,0 +1,307 @@
+"""The packed deploy file: every weight at its searched bit-width, bit-packed, in one checksummed file.
+
+A compressed checkpoint (``rsdet-compress compress``) stores fp32 weights plus
+the policy; fake quantization re-derives the integer codes on every forward.
+The packed file stores what a deployment needs instead: per quantized conv the
+integer codes at each output channel's bit-width (two's complement, bit-packed
+LSB first), the fp32 per-channel scales, and everything else (BN, biases, float
+layers and channels, activation ranges) as raw fp32 -- never fp16, which would
+break the bit-exact reload. A small JSON header carries the detector name,
+classes, policy and tensor table, so :func:`load_packed` rebuilds the pruned,
+fake-quantized model the way :func:`~rsdet_compress.detectors.registry.load_detector`
+does and its outputs equal the checkpoint's bit for bit.
+The byte layout (for a C reader) is specified in ``docs/packed-format.md``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rsdet_compress.compress.quant import (FLOAT_BITS, MAX_INT_BITS, ActQuantizer, QConv2d, fake_quant_weight,
+                                           quantized_weight)
+from rsdet_compress.errors import UserError
+
+FORMAT = "rsdet-compress/packed"
+VERSION = 1
+MAGIC = b"RSDPACK\x00"
+#: fixed prefix: magic, format version, JSON header length, payload length, sha256(header + payload)
+PREFIX = struct.Struct("<8sIIQ32s")
+#: raw tensor dtypes: table name <-> torch dtype (all little-endian; bool is one byte 0/1)
+DTYPES = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32, "i16": torch.int16,
+          "u8": torch.uint8, "bool": torch.bool}
+_NP = {"f32": "<f4", "i64": "<i8", "i32": "<i4", "i16": "<i2", "u8": "u1", "bool": "u1"}
+_CODE = {v: k for k, v in DTYPES.items()}
+
+
+# ------------------------------------------------------------------ bit packing
+def pack_codes(codes: np.ndarray, bits: np.ndarray) -> bytes:
+    """Channel-major bit stream of integer ``codes`` [O, n] at ``bits[c]`` bits per code of channel c.
+
+    Each code is written as ``bits[c]``-bit two's complement, least significant bit first; each
+    channel starts on a byte boundary (its last byte is zero-padded); float channels
+    (bits >= 32) take no bytes.
+    """
+    rows: list[bytes] = [b""] * codes.shape[0]
+    for b in sorted(set(int(x) for x in bits if x < FLOAT_BITS)):
+        idx = np.flatnonzero(bits == b)
+        u = codes[idx].astype(np.int64) & ((1 << b) - 1)
+        planes = ((u[..., None] >> np.arange(b)) & 1).astype(np.uint8).reshape(len(idx), -1)
+        packed = np.packbits(planes, axis=1, bitorder="little")
+        for row, c in zip(packed, idx):
+            rows[c] = row.tobytes()
+    return b"".join(rows)
+
+
+def unpack_codes(data: bytes, bits: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: int32 codes [O, n] (0 for float channels)."""
+    sizes = np.array([_code_bytes(n, int(b)) for b in bits], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    buf = np.frombuffer(data, dtype=np.uint8)
+    codes = np.zeros((len(bits), n), dtype=np.int32)
+    for b in sorted(set(int(x) for x in bits if x < FLOAT_BITS)):
+        idx = np.flatnonzero(bits == b)
+        rows = np.stack([buf[s:s + sizes[c]] for s, c in zip(starts[idx], idx)])
+        planes = np.unpackbits(rows, axis=1, count=n * b, bitorder="little").reshape(len(idx), n, b)
+        u = (planes.astype(np.int64) << np.arange(b)).sum(axis=2)
+        codes[idx] = (u - ((u >> (b - 1)) << b)).astype(np.int32)  # sign-extend
+    return codes
+
+
+def _code_bytes(n: int, bits: int) -> int:
+    return 0 if bits >= FLOAT_BITS else (n * bits + 7) // 8
+
+
+def packed_entry_bytes(out_channels: int, n: int, bits: list[int]) -> int:
+    """Payload bytes of one packed conv: bits u8[O], scales f32[O], codes, float channels f32[n] each."""
+    floats = sum(b >= FLOAT_BITS for b in bits)
+    return out_channels * 5 + sum(_code_bytes(n, b) for b in bits) + 4 * n * floats
+
+
+# ------------------------------------------------------------------ encoding
+def _encode_conv(conv: QConv2d) -> tuple[bytes, np.ndarray]:
+    """One packed entry's bytes (bits, scales, codes, float rows) and its per-channel bits."""
+    bits = np.minimum(conv.w_bits.cpu().numpy().astype(np.int64), FLOAT_BITS)
+    codes, scales = quantized_weight(conv)
+    out_channels = conv.weight.shape[0]
+    w = conv.weight.detach().float().cpu().reshape(out_channels, -1)
+    return (bits.astype(np.uint8).tobytes() + scales.float().cpu().numpy().astype("<f4").tobytes()
+            + pack_codes(codes.cpu().reshape(out_channels, -1).numpy(), bits)
+            + w[torch.from_numpy(bits >= FLOAT_BITS)].numpy().astype("<f4").tobytes()), bits
+
+
+def _raw(t: torch.Tensor, what: str) -> tuple[str, bytes]:
+    t = t.detach().cpu().contiguous()
+    if t.is_floating_point():
+        t = t.float()  # checkpoints are fp32 already; anything else is widened, never narrowed
+    if t.dtype not in _CODE:
+        raise ValueError(f"{what}: tensor dtype {t.dtype} has no packed encoding")
+    code = _CODE[t.dtype]
+    return code, t.numpy().astype(_NP[code]).tobytes()
+
+
+def _qconv_names(model: nn.Module) -> dict[str, QConv2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QConv2d)}
+
+
+def _encode(model: nn.Module) -> tuple[list[dict], bytes, dict]:
+    """Tensor table, payload and bit-width counts for a compressed model's state."""
+    qconvs = _qconv_names(model)
+    packed = {f"{n}.weight": m for n, m in qconvs.items() if m.quantizes_weight}
+    skip = {f"{n}.w_bits" for n in qconvs}  # rebuilt from the policy (packed convs: checked against bits)
+    table: list[dict] = []
+    chunks: list[bytes] = []
+    offset = 0
+    weights_by_bits: dict[int, int] = {}
+    channels_by_bits: dict[int, int] = {}
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        if name in packed:
+            blob, bits = _encode_conv(packed[name])
+            entry = {"name": name, "dtype": "packed", "shape": list(t.shape)}
+            n = t[0].numel()
+            for b in bits.tolist():
+                weights_by_bits[b] = weights_by_bits.get(b, 0) + n
+                channels_by_bits[b] = channels_by_bits.get(b, 0) + 1
+        else:
+            code, blob = _raw(t, name)
+            entry = {"name": name, "dtype": code, "shape": list(t.shape)}
+        entry.update(offset=offset, nbytes=len(blob))
+        table.append(entry)
+        chunks.append(blob)
+        offset += len(blob)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and f"{name}.weight" not in packed:
+            n = m.weight.numel()
+            weights_by_bits[FLOAT_BITS] = weights_by_bits.get(FLOAT_BITS, 0) + n
+            channels_by_bits[FLOAT_BITS] = channels_by_bits.get(FLOAT_BITS, 0) + m.weight.shape[0]
+    counts = {"weights_by_bits": {str(k): v for k, v in sorted(weights_by_bits.items())},
+              "channels_by_bits": {str(k): v for k, v in sorted(channels_by_bits.items())}}
+    return table, b"".join(chunks), counts
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """Bytes of the same pruned architecture's float tensors at fp32 (activation ranges excluded)."""
+    act = {n for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+    return 4 * sum(t.numel() for k, t in model.state_dict().items()
+                   if t.is_floating_point() and k.rpartition(".")[0] not in act)
+
+
+def save_packed(weights: str | Path, out: str | Path) -> dict:
+    """Write the packed deploy file ``out`` for the compressed checkpoint ``weights``; returns a size report.
+
+    Written atomically (temp file in the same folder, then rename): a failure never leaves a
+    file at ``out`` that looks complete, nor a temp file behind.
+    """
+    from rsdet_compress.detectors.registry import load_detector
+    model, meta = load_detector(weights)
+    if not meta.get("compressed"):
+        raise UserError(f"{weights}: not a compressed checkpoint: apply a policy first (rsdet-compress compress)")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give the packed file's path")
+    table, payload, counts = _encode(model)
+    header = {"format": FORMAT, "version": VERSION, "detector": meta["detector"],
+              "num_classes": int(meta["num_classes"]), "names": meta.get("names"),
+              "imgsz": int(model.policy.imgsz), "policy": model.policy.to_dict(),
+              "meta": {k: v for k, v in meta.items() if k not in ("detector", "num_classes", "names", "compressed")},
+              "tensors": table}
+    head = json.dumps(header, separators=(",", ":"), default=str).encode("utf-8")
+    digest = hashlib.sha256(head + payload).digest()
+    prefix = PREFIX.pack(MAGIC, VERSION, len(head), len(payload), digest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(prefix)
+            f.write(head)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    size = out.stat().st_size
+    fp32 = fp32_bytes(model)
+    return {"path": str(out), "bytes": size, "fp32_bytes": fp32, "ratio": fp32 / size,
+            "header_bytes": PREFIX.size + len(head), "payload_bytes": len(payload), **counts}
+
+
+# ------------------------------------------------------------------ decoding
+def _read(path: Path) -> tuple[dict, bytes]:
+    """Validated (header, payload) of a packed file; UserError for anything not a sound version-1 file."""
+    if not path.is_file():
+        raise UserError(f"{path}: packed file not found")
+    data = path.read_bytes()
+    if data[:len(MAGIC)] != MAGIC[:len(data)] or not data:
+        hint = " (looks like a PyTorch checkpoint: use load_detector)" if data[:2] == b"PK" else ""
+        raise UserError(f"{path}: not an rsdet-compress packed file (bad magic){hint}")
+    if len(data) < PREFIX.size:
+        raise UserError(f"{path}: truncated packed file ({len(data)} bytes, less than its {PREFIX.size}-byte prefix)")
+    _, version, hlen, plen, digest = PREFIX.unpack_from(data)
+    if version != VERSION:
+        raise UserError(f"{path}: packed format version {version} not supported (this rsdet-compress reads {VERSION})")
+    expected = PREFIX.size + hlen + plen
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "oversized"
+        raise UserError(f"{path}: {what} packed file ({len(data)} bytes, its prefix says {expected})")
+    body = memoryview(data)[PREFIX.size:]
+    if hashlib.sha256(body).digest() != digest:
+        raise UserError(f"{path}: checksum mismatch: the packed file is corrupt")
+    try:
+        header = json.loads(bytes(body[:hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: corrupt packed file (header is not JSON)") from None
+    missing = [k for k in ("format", "detector", "num_classes", "policy", "tensors") if k not in header]
+    if header.get("format", FORMAT) != FORMAT or missing:
+        raise UserError(f"{path}: corrupt packed file (header field(s) {', '.join(missing) or 'format'} wrong)")
+    return header, bytes(body[hlen:])
+
+
+def _decode_conv(entry: dict, blob: bytes, path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """Weight tensor whose fake quantization gives exactly the stored codes * scales, and its bits."""
+    shape = entry["shape"]
+    out_channels, n = shape[0], int(np.prod(shape[1:]))
+    bits = np.frombuffer(blob, dtype=np.uint8, count=out_channels).astype(np.int64)
+    if len(blob) != packed_entry_bytes(out_channels, n, bits.tolist()) or not np.all(
+            ((bits >= 2) & (bits <= MAX_INT_BITS)) | (bits == FLOAT_BITS)):
+        raise UserError(f"{path}: corrupt packed file (tensor {entry['name']} has inconsistent bits or size)")
+    scales = torch.from_numpy(np.frombuffer(blob, "<f4", out_channels, out_channels).astype(np.float32))
+    start = out_channels * 5
+    code_len = sum(_code_bytes(n, int(b)) for b in bits)
+    codes = torch.from_numpy(unpack_codes(blob[start:start + code_len], bits, n)).float()
+    floats = torch.from_numpy(np.frombuffer(blob, "<f4", offset=start + code_len).astype(np.float32))
+    is_float = torch.from_numpy(bits >= FLOAT_BITS)
+    # code * scale in fp32 is the deployed weight and exactly what fake_quant_weight computes. Loaded as
+    # the conv's weight, fake quantization gives it back unchanged: max|w_c| = fl(qmax * s) and
+    # fl(fl(qmax * s) / qmax) == s for every scale that is itself a quotient fl(m / qmax) (checked
+    # exhaustively over a binade for every qmax = 2^(b-1) - 1, b = 2..16). Verified below anyway.
+    w = codes * scales[:, None]
+    w[is_float] = floats.reshape(-1, n)
+    w = w.reshape(shape)
+    if not torch.equal(fake_quant_weight(w, torch.from_numpy(bits).to(torch.int16)), w):
+        raise UserError(f"{path}: tensor {entry['name']}: stored codes and scales cannot be reproduced exactly")
+    return w, bits
+
+
+def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
+    """Load a packed file -> (model in eval mode, metadata), like ``load_detector`` on its checkpoint.
+
+    The model is the pruned, fake-quantized detector rebuilt from the stored policy; its outputs
+    equal those of the compressed checkpoint it was packed from, bit for bit.
+    """
+    from rsdet_compress.detectors.registry import DETECTORS, _rebuild_compressed, create_detector
+    path = Path(path)
+    header, payload = _read(path)
+    if header["detector"] not in DETECTORS:
+        raise UserError(f"{path}: unknown detector {header['detector']!r} in packed file")
+    model = create_detector(header["detector"], int(header["num_classes"]), names=header.get("names"))
+    model = _rebuild_compressed(model, header["policy"], path)
+    qbits = {f"{n}.weight": m.w_bits for n, m in _qconv_names(model).items()}
+    state: dict[str, torch.Tensor] = {}
+    end = 0
+    try:
+        for entry in header["tensors"]:
+            name, offset, nbytes = entry["name"], int(entry["offset"]), int(entry["nbytes"])
+            if offset != end or offset + nbytes > len(payload):
+                raise UserError(f"{path}: corrupt packed file (tensor {name} lies outside the payload)")
+            blob, end = payload[offset:offset + nbytes], offset + nbytes
+            if entry["dtype"] == "packed":
+                w, bits = _decode_conv(entry, blob, path)
+                rebuilt = qbits.get(name)
+                if rebuilt is None or not np.array_equal(np.minimum(rebuilt.numpy(), FLOAT_BITS), bits):
+                    raise UserError(f"{path}: tensor {name}: stored bit-widths do not match the policy")
+                state[name] = w
+            else:
+                code = entry["dtype"]
+                count = int(np.prod(entry["shape"], dtype=np.int64))
+                if nbytes != count * np.dtype(_NP[code]).itemsize:
+                    raise UserError(f"{path}: corrupt packed file (tensor {name}: {nbytes} bytes for its shape)")
+                arr = np.frombuffer(blob, _NP[code], count).reshape(entry["shape"])
+                state[name] = torch.from_numpy(arr.copy()).to(DTYPES[code])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: corrupt packed file (tensor table: {type(e).__name__}: {str(e)[:80]})") from None
+    if end != len(payload):
+        raise UserError(f"{path}: corrupt packed file ({len(payload) - end} payload bytes not in the tensor table)")
+    packed = {e["name"] for e in header["tensors"] if e["dtype"] == "packed"}
+    for name, m in _qconv_names(model).items():
+        if m.quantizes_weight and f"{name}.weight" not in packed:
+            raise UserError(f"{path}: quantized layer {name} has no packed weights")
+        state[f"{name}.w_bits"] = m.w_bits
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit detector {header['detector']!r} "
+                        f"({str(e).splitlines()[0][:100]})") from None
+    meta = {**header.get("meta", {}), "detector": header["detector"], "num_classes": header["num_classes"],
+            "names": header.get("names"), "compressed": True, "packed": True}
+    return model.eval(), meta
