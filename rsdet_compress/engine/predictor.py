@@ -1,12 +1,27 @@
-"""``predict``: run a checkpoint on images, draw the boxes, write COCO-style detections JSON.
+"""``predict``: run a detector on images or huge scenes; draw the boxes, write COCO-style JSON and GeoJSON.
 
-Images are scaled by the data set's ``rescale`` (stored in the checkpoint)
-so objects appear at the size the detector was trained on: a model trained
-on 2560 px scenes halved to 1280 px sees a new 2560 px scene at 1280 px.
-Sliced inference for huge scenes is a later feature.
+Images are scaled by the data set's ``rescale`` (stored in the checkpoint) so
+objects appear at the size the detector was trained on: a model trained on
+2560 px scenes halved to 1280 px sees a new 2560 px scene at 1280 px.
+
+Two modes, chosen per image:
+
+* whole image, one pass (small images, or ``imgsz`` given);
+* sliced (:mod:`rsdet_compress.engine.slicer`): when ``slice_size`` is given,
+  when the rescaled image is more than :data:`SLICE_FACTOR` times the model's
+  input, or when the image is too large to decode at once. Windows are read
+  one batch at a time, so a 10k x 10k GeoTIFF needs a few tens of MB.
+
+Outputs in ``out``: one drawn image per input (a downscaled JPEG preview for
+scenes too large to decode at once), ``detections.json`` (COCO style, all
+images) and ``<stem>.geojson`` for georeferenced inputs, in the raster's CRS
+(TIFFs without georeferencing get pixel coordinates and a warning).
+The weights may be any model :func:`rsdet_compress.export.runtime.load_model`
+loads (float, compressed, ONNX, int8 ONNX).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,16 +35,31 @@ import torch
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from ultralytics.data.augment import LetterBox  # noqa: E402
-from ultralytics.utils.nms import non_max_suppression  # noqa: E402
-from ultralytics.utils.ops import scale_boxes  # noqa: E402
-
 from rsdet_compress.data.record import IMAGE_SUFFIXES, list_images  # noqa: E402
-from rsdet_compress.detectors.registry import load_detector  # noqa: E402
+from rsdet_compress.data.tiling import Tile  # noqa: E402
+from rsdet_compress.engine.evalset import letterbox  # noqa: E402
+from rsdet_compress.engine.geo import georef_of, to_geojson, write_geojson  # noqa: E402
+from rsdet_compress.engine.slicer import SceneReader, SliceOptions, detect_chips, predict_sliced  # noqa: E402
 from rsdet_compress.errors import UserError  # noqa: E402
 
 #: largest inference side when sizing from the image (a 10k scene needs slicing, not one pass).
 MAX_SIDE = 4096
+#: slice automatically when the rescaled image is more than this many times the model's input.
+SLICE_FACTOR = 2.0
+#: longest side of the drawn preview of a scene too large to decode at once.
+PREVIEW_SIDE = 2048
+#: raster formats GDAL reads beyond the common image suffixes.
+RASTER_SUFFIXES = (*IMAGE_SUFFIXES, ".jp2", ".vrt", ".img", ".ntf", ".nitf")
+_TIFF = (".tif", ".tiff")
+
+
+def load_model(weights: str | Path) -> tuple[object, dict]:
+    """(model, meta) from any weights predict accepts: the export runtime when present, else a checkpoint."""
+    try:
+        from rsdet_compress.export.runtime import load_model as load
+    except ImportError:
+        from rsdet_compress.detectors.registry import load_detector as load
+    return load(weights)
 
 
 def _sources(source: Path) -> list[Path]:
@@ -40,8 +70,8 @@ def _sources(source: Path) -> list[Path]:
         return files
     if not source.is_file():
         raise UserError(f"{source}: no such file or folder")
-    if source.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UserError(f"{source}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
+    if source.suffix.lower() not in RASTER_SUFFIXES:
+        raise UserError(f"{source}: not an image file ({', '.join(RASTER_SUFFIXES)})")
     return [source]
 
 
@@ -64,57 +94,118 @@ def draw(image: np.ndarray, dets: np.ndarray, names: list[str]) -> np.ndarray:
     return out
 
 
-@torch.inference_mode()
-def detect(model: torch.nn.Module, image: np.ndarray, imgsz: int, conf: float = 0.25,
-           iou: float = 0.7, max_det: int = 1000) -> np.ndarray:
-    """Detections (N x 6: x1 y1 x2 y2 score cls) of one BGR image in its own pixel coordinates."""
-    lb = LetterBox(new_shape=(imgsz, imgsz), auto=False)
-    chip = lb(image=image)
-    p = next(model.parameters())
-    x = torch.from_numpy(np.ascontiguousarray(chip[..., ::-1].transpose(2, 0, 1))).to(p.device)
-    x = x[None].to(p.dtype) / 255.0
-    out = model(x)
-    det = non_max_suppression(out[0] if isinstance(out, (tuple, list)) else out, conf, iou, max_det=max_det)[0]
-    det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], image.shape[:2])
-    return det.cpu().numpy()
+def detect(model, image: np.ndarray, imgsz: int, conf: float = 0.25, iou: float = 0.7,
+           max_det: int = 1000) -> np.ndarray:
+    """Detections (N x 6: x1 y1 x2 y2 score cls) of one RGB image in one pass, in its own pixels."""
+    chip, ((gh, gw), (pl, pt)) = letterbox(image, imgsz)
+    det = detect_chips(model, chip[None], conf, iou, max_det)[0].astype(np.float64)
+    h, w = image.shape[:2]
+    det[:, [0, 2]] = np.clip((det[:, [0, 2]] - pl) / gw, 0, w)
+    det[:, [1, 3]] = np.clip((det[:, [1, 3]] - pt) / gh, 0, h)
+    return det
+
+
+def model_input_size(meta: dict) -> int:
+    """The model's training input side (checkpoint ``imgsz``, else its chip ``tile``, else 640)."""
+    for key in ("imgsz", "tile"):
+        v = meta.get(key)
+        if isinstance(v, (int, float)) and v > 0:
+            return int(v)
+        if isinstance(v, (list, tuple)) and v:
+            return int(max(v))
+    return 640
+
+
+def plan_slice(h: int, w: int, rescale: float, model_size: int, imgsz: int | None,
+               slice_size: int | None, decoded: bool) -> int | None:
+    """The slice size to use for an ``h`` x ``w`` image, or None for one whole-image pass."""
+    if slice_size is not None:
+        return slice_size
+    if not decoded:  # too large to hold at once: tiles whatever was asked
+        return imgsz or model_size
+    if imgsz is None and max(h, w) * rescale > SLICE_FACTOR * model_size:
+        return model_size
+    return None
+
+
+def _coco_rows(coco: dict, image_id: int, dets: np.ndarray, names: list[str]) -> None:
+    for x1, y1, x2, y2, score, cls in dets.tolist():
+        coco["annotations"].append({
+            "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": int(cls) + 1,
+            "category": names[int(cls)], "bbox": [round(x1, 1), round(y1, 1), round(x2 - x1, 1),
+                                                   round(y2 - y1, 1)], "score": round(score, 4)})
+
+
+def _write_drawing(reader: SceneReader, dets: np.ndarray, names: list[str], folder: Path) -> float:
+    """The drawn image (full size, or a preview of a huge scene) in ``folder``; returns its scale."""
+    f = reader.path
+    if reader.decoded:
+        image, scale = reader.read(Tile(0, 0, reader.width, reader.height)), 1.0
+        ext = ".jpg" if f.suffix.lower() in (".jpg", ".jpeg") else ".png"
+    else:
+        image, scale = reader.overview(PREVIEW_SIDE)
+        ext = ".jpg"
+    scaled = dets.copy()
+    scaled[:, :4] *= scale
+    cv2.imwrite(str(folder / f"{f.stem}{ext}"), draw(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), scaled, names))
+    return scale
 
 
 def predict(weights: str | Path, source: str | Path, out: str | Path, imgsz: int | None = None,
-            conf: float = 0.25, iou: float = 0.7, device: str = "cpu") -> dict:
-    """Detect objects in an image or a folder; write drawn images and ``detections.json`` to ``out``.
+            conf: float = 0.25, iou: float = 0.7, device: str = "cpu", slice_size: int | None = None,
+            overlap: float = 0.2, merge: str = "nms", full_pass: bool = False, batch: int = 8,
+            progress: bool = True) -> dict:
+    """Detect objects in an image or a folder; write drawn images, ``detections.json`` and GeoJSON to ``out``.
 
-    The output folder is assembled in a temporary sibling and moved in place
-    at the end, so an interrupted run leaves no partial results behind.
-    Returns the COCO-style detections dict.
+    ``slice_size`` (model-input pixels, at the training scale) forces sliced
+    inference with windows overlapping by ``overlap``, ``batch`` windows per
+    forward pass, merged by ``merge`` (``nms`` or ``wbf``), plus a full-image
+    pass at reduced resolution with ``full_pass``. The output folder is
+    assembled in a temporary sibling and moved in place at the end, so an
+    interrupted run leaves no partial results behind. Returns the COCO-style dict.
     """
-    model, meta = load_detector(weights)
-    model.to(device).eval()
+    base = SliceOptions(slice_size=slice_size, overlap=overlap, batch=batch, conf=conf, iou=iou,
+                        merge=merge, full_pass=full_pass)  # checks the flags before any work
+    if imgsz is not None and imgsz < 1:
+        raise UserError(f"--imgsz must be >= 1, got {imgsz}")
+    files = _sources(Path(source))
+    model, meta = load_model(weights)
+    if isinstance(model, torch.nn.Module):
+        model.to(device).eval()
     names = meta.get("names") or [str(i) for i in range(meta["num_classes"])]
     rescale = float(meta.get("rescale") or 1.0)
-    files = _sources(Path(source))
+    stride = getattr(model, "stride", None)
+    stride = int(max(torch.as_tensor(stride).flatten().tolist())) if stride is not None else 32
+    base = dataclasses.replace(base, rescale=rescale, stride=max(1, stride))
+    model_size = model_input_size(meta)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     coco = {"images": [], "annotations": [],
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
-            "info": {"weights": str(weights), "conf": conf, "iou": iou}}
+            "info": {"weights": str(weights), "conf": conf, "iou": iou, "rescale": rescale}}
     try:
         for image_id, f in enumerate(files, start=1):
-            image = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if image is None:
-                raise UserError(f"{f}: unreadable image")
-            h, w = image.shape[:2]
-            size = imgsz or inference_size(h, w, rescale)
-            dets = detect(model, image, size, conf, iou)
-            coco["images"].append({"id": image_id, "file_name": f.name, "path": str(f),
-                                   "width": w, "height": h, "inference_size": size})
-            for x1, y1, x2, y2, score, cls in dets.tolist():
-                coco["annotations"].append({
-                    "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": int(cls) + 1,
-                    "category": names[int(cls)], "bbox": [round(x1, 1), round(y1, 1), round(x2 - x1, 1),
-                                                           round(y2 - y1, 1)], "score": round(score, 4)})
-            ext = ".jpg" if f.suffix.lower() in (".jpg", ".jpeg") else ".png"
-            cv2.imwrite(str(tmp / f"{f.stem}{ext}"), draw(image, dets, names))
+            with SceneReader(f) as reader:
+                h, w = reader.height, reader.width
+                entry = {"id": image_id, "file_name": f.name, "path": str(f), "width": w, "height": h}
+                size = plan_slice(h, w, rescale, model_size, imgsz, slice_size, reader.decoded)
+                if size is not None:
+                    opts = dataclasses.replace(base, slice_size=size)
+                    dets, tiles = predict_sliced(model, reader, opts, progress)
+                    entry["sliced"] = {"slice": size, "window": round(size / rescale), "overlap": overlap,
+                                       "tiles": tiles, "merge": merge, "full_pass": full_pass}
+                else:
+                    entry["inference_size"] = imgsz or inference_size(h, w, rescale, base.stride)
+                    dets = detect(model, reader.read(Tile(0, 0, w, h)), entry["inference_size"], conf, iou)
+                _coco_rows(coco, image_id, dets, names)
+                scale = _write_drawing(reader, dets, names, tmp)
+                if scale != 1.0:
+                    entry["preview_scale"] = round(scale, 6)
+                georef = georef_of(reader.transform, reader.crs, reader.gcps)
+                if georef is not None or f.suffix.lower() in _TIFF:
+                    write_geojson(tmp / f"{f.stem}.geojson", to_geojson(dets, names, georef, str(f)))
+                coco["images"].append(entry)
         (tmp / "detections.json").write_text(json.dumps(coco, indent=1))
         out.mkdir(exist_ok=True)
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == "detections.json"):  # JSON last
