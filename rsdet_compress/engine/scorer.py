@@ -40,14 +40,16 @@ def evaluate(weights: str | Path, data: str | Path, split: str = "val", imgsz: i
     parameters and GFLOPs at the evaluation size. ``imgsz`` defaults to the
     size the checkpoint was trained at.
     """
-    model, meta = load_detector(weights)
+    from rsdet_compress.export.runtime import load_model
+    model, meta = load_model(weights)  # checkpoints, ONNX (fp32/int8) and packed files alike
     cfg = load_data_config(data)
     imgsz = int(imgsz or meta.get("imgsz") or 640)
     evalset = EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz, max_images=max_images)
     model.to(device)
     metrics = Evaluator(evalset, conf=conf, iou=iou, batch=batch, device=device)(model)
     return {"weights": str(weights), "detector": meta.get("detector"), "split": split, "imgsz": imgsz,
-            **metrics, "params": count_params(model), "gflops": round(gflops(model, imgsz), 3)}
+            **metrics, **({"params": None, "gflops": None} if meta.get("onnx") else  # torch cannot count a session
+                          {"params": count_params(model), "gflops": round(gflops(model, imgsz), 3)})}
 
 
 def evaluate_policy(weights: str | Path, policy: str | Path, data: str | Path, split: str = "val",

@@ -1,0 +1,275 @@
+"""``export``: write a deployable artifact and prove it by mAP against the PyTorch model it came from.
+
+Formats (:data:`FORMATS`): ``onnx`` (fp32 graph, physically pruned, a
+compressed model's activation quantizers as QDQ; see
+:mod:`rsdet_compress.export.onnx`), ``onnx-int8`` (the same graph statically
+quantized by onnxruntime: QDQ, int8 per-channel weights, uint8 activations
+calibrated on training chips) and ``packed`` (the bit-packed deploy file of a
+compressed checkpoint, :mod:`rsdet_compress.export.packed`).
+
+Every artifact is reloaded with :func:`~rsdet_compress.export.runtime.load_model`
+and scored with the same :class:`~rsdet_compress.engine.evaluator.Evaluator` on
+the same split as the PyTorch model. When ``|mAP50(artifact) - mAP50(PyTorch)|``
+exceeds the format's tolerance the artifact is renamed to ``<name>.failed`` (so
+nothing at the requested path looks complete) and a :class:`UserError` says by
+how much.
+
+``round8`` rounds every pruned channel group of a compressed checkpoint up to
+a multiple of 8 kept channels (never beyond the group's float size), re-adding
+the next most important channels by the policy's own criterion, ranked on the
+float weights it was compressed from; added channels get the layer's most
+common bit-width. The rounded model is re-applied and recalibrated on the same
+training chips (as ``compress`` does), saved beside the artifact as
+``<stem>.round8.pt``, and becomes the PyTorch reference of the check. 8 is the
+channel granularity of int8 SIMD/tensor-core kernels: a 61-channel conv costs
+as much as a 64-channel one there.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rsdet_compress.errors import UserError
+from rsdet_compress.export.onnx import DEFAULT_OPSET, export_module, quantize_int8
+
+FORMATS = ("onnx", "onnx-int8", "packed")
+#: default artifact name: the weights' stem + this suffix
+SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "packed": ".packed"}
+#: fp32 ONNX: the same arithmetic as PyTorch up to float reassociation (BN folded into convs,
+#: onnxruntime's kernels); outputs differ by ~2e-4 px in boxes and ~1e-6 in scores. Measured
+#: dmAP50 = 0.0000 (mAP50-95 -0.0000) for yolov8n on airbus val; 0.002 leaves room for a
+#: near-tie detection swapping rank on another model, while a real bug (a lost layer, wrong
+#: quantizer, bad anchors) moves mAP by far more. Models with quantized activations: below.
+ONNX_TOLERANCE = 0.002
+#: int8 ONNX: a real second rounding (uint8 activations by MinMax calibration, int8 per-channel
+#: weights). Measured dmAP50 = -0.0021 (mAP50-95 -0.0019) for yolov8n on airbus val with 64
+#: calibration chips, +0.0034 on its w4a4-30%-pruned version; the published int8 PTQ loss of
+#: YOLOv8n is about 0.5-1 mAP point on COCO. 0.02 (2 points) flags a broken quantization
+#: (wrong ranges, quantized box decoding: tens of points) without failing on small/noisy splits.
+INT8_TOLERANCE = 0.02
+#: fp32 ONNX of a compressed model whose activations are fake-quantized (QDQ in the graph): the
+#: output is a step function of the input, and float reassociation (BN folded, other conv
+#: kernels; even torch's own fake_quantize, which multiplies by 1/scale) flips a rounding at a
+#: level boundary now and then. The DFL box decoding turns such a flip into a box shift of up to
+#: a stride on low-confidence anchors. Measured dmAP50 on airbus val (yolov8n, 30% pruned):
+#: w8a8 -0.0019, w4a4 0.0000, w4a4 round8 0.0000; 0.01 keeps a 5x margin over that noise.
+ONNX_QDQ_TOLERANCE = 0.01
+#: packed file: reloads bit-exactly (same fake-quantized model), so the mAP must be identical.
+PACKED_TOLERANCE = 1e-9
+TOLERANCES = {"onnx": ONNX_TOLERANCE, "onnx-int8": INT8_TOLERANCE, "packed": PACKED_TOLERANCE}
+#: channel multiple of ``round8``
+CHANNEL_MULTIPLE = 8
+
+_REFERENCE_CACHE: dict[tuple, dict] = {}
+
+
+def default_out(weights: str | Path, fmt: str, round8: bool = False) -> Path:
+    """``<weights folder>/<stem>[.round8]<suffix>``."""
+    weights = Path(weights)
+    return weights.with_name(weights.stem + (".round8" if round8 else "") + SUFFIXES[fmt])
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    return fmt
+
+
+def _data_yaml(data: str | Path | None, meta: dict, weights: Path) -> Path:
+    """The dataset YAML the mAP check runs on: ``data``, else the one the weights were trained on."""
+    path = Path(data) if data else (Path(meta["data"]) if meta.get("data") else None)
+    if path is None:
+        raise UserError(f"{weights}: no dataset recorded in the checkpoint; give --data to verify the export by mAP")
+    if not path.is_file():
+        raise UserError(f"{path}: dataset YAML not found (give --data)")
+    return path
+
+
+def _calibration(data: Path, imgsz: int, n: int):
+    """Training chips for int8 calibration / round8 recalibration; UserError when there are none."""
+    from rsdet_compress.compress.calibration import calibration_set
+    if n < 1:
+        raise UserError(f"--calib-images must be >= 1, got {n}")
+    try:
+        calib = calibration_set(str(data), imgsz, n)
+    except UserError as e:
+        raise UserError(f"missing calibration set: {e}") from None
+    if len(calib) == 0:
+        raise UserError(f"{data}: missing calibration set: the 'train' split has no images")
+    return calib
+
+
+def _evaluator(data: Path, split: str, imgsz: int, batch: int):
+    from rsdet_compress.data.config import load_data_config
+    from rsdet_compress.engine.evalset import EvalSet
+    from rsdet_compress.engine.evaluator import Evaluator
+    cfg = load_data_config(data)
+    return Evaluator(EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz), batch=batch)
+
+
+def _reference(model: nn.Module, key: tuple, evaluator) -> dict:
+    """PyTorch metrics, computed once per (weights, data, split, imgsz) in this process."""
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = evaluator(model)
+    return _REFERENCE_CACHE[key]
+
+
+def _quantizes_activations(model: nn.Module) -> bool:
+    from rsdet_compress.compress.quant import iter_act_quantizers
+    return any(q.enabled and bool(q.observed) for q in iter_act_quantizers(model))
+
+
+# ------------------------------------------------------------------ round8
+def _common_bits(bits: list[int]) -> int:
+    counts = Counter(bits)
+    return max(counts, key=lambda b: (counts[b], b))
+
+
+def round_channels(model: nn.Module, meta: dict, calib, multiple: int = CHANNEL_MULTIPLE) -> tuple[nn.Module, dict]:
+    """Compressed ``model`` with every pruned group's kept count rounded up to ``multiple`` (see module doc).
+
+    Returns the recalibrated model and ``{"groups_changed", "channels_added"}``; a model
+    whose groups are all multiples already (or a float model) comes back unchanged.
+    """
+    from rsdet_compress.compress.compressor import Workspace
+    from rsdet_compress.compress.policy import Policy
+    policy = getattr(model, "policy", None)
+    if policy is None:
+        return model, {"groups_changed": 0, "channels_added": 0}
+    src = Path(str(meta.get("float_weights") or ""))
+    if not src.is_file():
+        raise UserError(f"round8 re-ranks channels on the float weights the checkpoint was compressed from: "
+                        f"float_weights {str(src) or '(not recorded)'} not found")
+    ws = Workspace.from_weights(src, policy.imgsz)
+    if meta.get("float_fingerprint") and ws.weights_fp != meta["float_fingerprint"]:
+        raise UserError(f"{src}: not the float weights this checkpoint was compressed from (fingerprint differs)")
+    ws.grad_set = calib
+    groups, layers, added, changed = {}, {k: dict(v) for k, v in policy.layers.items()}, 0, 0
+    scores = None
+    for name, spec in policy.groups.items():
+        keep = sorted(spec["keep_idx"])
+        size = ws.view.groups[name].size
+        target = min(size, math.ceil(len(keep) / multiple) * multiple)
+        if target > len(keep):
+            scores = ws.scores(policy.criterion) if scores is None else scores
+            order = torch.argsort(scores[name], descending=True, stable=True).tolist()
+            kept = set(keep)
+            extra = [i for i in order if i not in kept][:target - len(keep)]
+            new = sorted(keep + extra)
+            for lname in ws.view.groups[name].layers:  # per-channel bit lists follow the kept channels
+                bits = layers.get(lname, {}).get("weight_bits")
+                if isinstance(bits, list):
+                    if len(bits) != len(keep):
+                        raise UserError(f"round8: layer {lname}: {len(bits)} bit-widths for {len(keep)} kept channels")
+                    old, fill = dict(zip(keep, bits)), _common_bits(bits)
+                    layers[lname]["weight_bits"] = [old.get(i, fill) for i in new]
+            groups[name] = {"keep_idx": new}
+            added, changed = added + len(extra), changed + 1
+        else:
+            groups[name] = {"keep_idx": keep}
+    info = {"groups_changed": changed, "channels_added": added}
+    if not changed:
+        return model, info
+    rounded = Policy.from_dict({**policy.to_dict(), "groups": groups, "layers": layers}, source="round8 policy")
+    resolved = ws.resolve(rounded, source="round8 policy")
+    return ws.apply(resolved, calib, share_weights=False), info
+
+
+# ------------------------------------------------------------------ export
+def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, imgsz: int, opset: int,
+           calib) -> dict:
+    """Write one artifact; returns format-specific report fields."""
+    if fmt == "onnx":
+        export_module(model, meta, out, imgsz, opset=opset, source=str(weights))
+        return {}
+    if fmt == "onnx-int8":
+        from rsdet_compress.compress.calibration import image_batches
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".fp32.onnx")
+        os.close(fd)
+        try:
+            export_module(model, meta, tmp, imgsz, opset=opset, source=str(weights))
+            quantize_int8(tmp, out, image_batches(calib, 8))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return {"calib_images": len(calib)}
+    from rsdet_compress.export.packed import save_packed
+    r = save_packed(weights, out)
+    return {k: v for k, v in r.items() if k not in ("path", "bytes", "fp32_bytes", "ratio")}
+
+
+def export(weights: str | Path, format: str, out: str | Path | None = None, data: str | Path | None = None,
+           split: str = "val", calib_images: int = 64, tolerance: float | None = None, round8: bool = False,
+           opset: int = DEFAULT_OPSET, batch: int = 16) -> dict:
+    """Export ``weights`` (a float or compressed checkpoint) as ``format`` and verify it by mAP.
+
+    Returns the report: ``path``, ``bytes`` (on disk), ``fp32_bytes`` (the same architecture's
+    float tensors at fp32) and ``ratio``; ``map50``/``map50_95`` of the artifact and
+    ``torch_map50``/``torch_map50_95`` of the PyTorch model on ``split`` of ``data`` (default:
+    the dataset recorded in the checkpoint), their differences ``dmap50``/``dmap50_95``,
+    ``tolerance`` and ``passed``. Raises UserError (artifact renamed ``*.failed``) when
+    ``|dmap50| > tolerance`` (default: the format's, see :data:`TOLERANCES`, and
+    :data:`ONNX_QDQ_TOLERANCE` for an fp32 ONNX with quantized activations).
+    """
+    from rsdet_compress.detectors.registry import load_detector, save_detector
+    from rsdet_compress.export.packed import fp32_bytes
+    from rsdet_compress.export.runtime import load_model
+    fmt = _check_format(format)
+    weights = Path(weights)
+    if weights.suffix.lower() == ".onnx":
+        raise UserError(f"{weights}: export starts from a PyTorch checkpoint (.pt), not an ONNX file")
+    if tolerance is not None and tolerance < 0:
+        raise UserError(f"--tolerance must be >= 0, got {tolerance}")
+    model, meta = load_detector(weights)
+    if fmt == "packed" and not meta.get("compressed"):
+        raise UserError(f"{weights}: the packed format needs a compressed checkpoint (rsdet-compress compress)")
+    policy = getattr(model, "policy", None)
+    imgsz = int((policy.imgsz if policy is not None else 0) or meta.get("imgsz") or 640)
+    data = _data_yaml(data, meta, weights)
+    out = Path(out) if out else default_out(weights, fmt, round8)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give the artifact's file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    calib = _calibration(data, imgsz, calib_images) if fmt == "onnx-int8" or round8 else None
+    evaluator = _evaluator(data, split, imgsz, batch)
+    src, round_info = weights, None
+    if round8:
+        model, round_info = round_channels(model, meta, calib)
+        if round_info["groups_changed"]:
+            src = out.with_name(weights.stem + ".round8.pt")
+            meta = {**meta, "round8": round_info}
+            save_detector(model, src, {k: v for k, v in meta.items()
+                                       if k not in ("detector", "num_classes", "names", "compressed")})
+            round_info["weights"] = str(src)
+    tol = float(tolerance) if tolerance is not None else TOLERANCES[fmt]
+    if tolerance is None and fmt == "onnx" and _quantizes_activations(model):
+        tol = ONNX_QDQ_TOLERANCE
+    stat = src.stat()
+    key = (str(src.resolve()), stat.st_mtime_ns, str(data.resolve()), split, imgsz)
+    ref = _reference(model, key, evaluator)
+    t0 = time.perf_counter()
+    extra = _write(fmt, model, meta, src, out, imgsz, opset, calib)
+    seconds = time.perf_counter() - t0
+    artifact, _ = load_model(out)
+    got = evaluator(artifact)
+    size, fp32 = out.stat().st_size, fp32_bytes(model)
+    d50, d5095 = got["map50"] - ref["map50"], got["map50_95"] - ref["map50_95"]
+    report = {"format": fmt, "path": str(out), "weights": str(weights), "bytes": size, "fp32_bytes": fp32,
+              "ratio": fp32 / size, "map50": got["map50"], "map50_95": got["map50_95"],
+              "torch_map50": ref["map50"], "torch_map50_95": ref["map50_95"], "dmap50": d50, "dmap50_95": d5095,
+              "tolerance": tol, "passed": abs(d50) <= tol, "split": split, "images": got["images"], "imgsz": imgsz,
+              "data": str(data), "export_seconds": round(seconds, 2),
+              "images_per_second": got["images_per_second"], "torch_images_per_second": ref["images_per_second"],
+              "round8": round_info, **extra}
+    if not report["passed"]:
+        failed = out.with_name(out.name + ".failed")
+        os.replace(out, failed)
+        raise UserError(f"{out}: {fmt} mAP50 {got['map50']:.4f} is off from the PyTorch model's {ref['map50']:.4f} "
+                        f"by {d50:+.4f}, beyond the tolerance {tol} (artifact moved to {failed.name})")
+    return report

@@ -1,0 +1,353 @@
+"""ONNX export of float and compressed detectors, and onnxruntime int8 static quantization.
+
+:func:`export_onnx` writes what the PyTorch model computes in eval mode: the
+decoded Detect output ``(B, 4 + nc, anchors)`` (xywh boxes in input pixels,
+class scores), with a dynamic batch (and, for the predictor, dynamic H and W:
+the anchor grid is computed in the graph). It uses torch's TorchScript ONNX
+exporter (opset <= 20; the dynamo exporter would need ``onnxscript``), which
+also folds every BatchNorm into its conv.
+
+A compressed checkpoint is exported as its physically pruned graph (conv
+weights have the pruned shapes), and the fake quantization becomes:
+
+* weights: baked in as plain fp32 conv weights holding the dequantized values
+  (``codes * scale``, exactly what ``QConv2d`` computes), so onnxruntime's
+  output matches PyTorch; the bit-packed storage is the ``packed`` format's job.
+* activations: each calibrated ``ActQuantizer`` becomes the standard
+  ``Clip -> QuantizeLinear(uint8) -> DequantizeLinear`` triple with the same
+  scale and zero point. The Clip limits the values to the policy's ``2^b``
+  levels (b < 8) so that ``round(clip(x) / s)`` equals PyTorch's
+  ``clamp(round(x / s) + zp, 0, 2^b - 1) - zp`` exactly; at 8 bits it is
+  omitted. ``act_qdq=False`` drops them instead (a float graph with the
+  quantized weights: the input :func:`quantize_int8` expects).
+
+Every file carries our metadata under the ``rsdet_compress`` key of
+``metadata_props`` (one JSON object: :data:`FORMAT` marker, detector, class
+names, imgsz, stride, rescale, policy summary), which
+:func:`rsdet_compress.export.runtime.load_model` requires.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from rsdet_compress.compress.quant import FLOAT_BITS, ActQuantizer, QConv2d, fake_quant_weight
+from rsdet_compress.errors import UserError
+
+#: metadata_props key holding our JSON metadata; its presence marks the file as ours.
+META_KEY = "rsdet_compress"
+#: value of the metadata's ``format`` field.
+FORMAT = "rsdet-compress/onnx"
+VERSION = 1
+#: newest opset torch's TorchScript ONNX exporter writes (torch 2.x).
+DEFAULT_OPSET = 20
+INPUT_NAME, OUTPUT_NAME = "images", "output0"
+
+
+class ActQDQ(nn.Module):
+    """An ``ActQuantizer``'s forward as ONNX ops: Clip (b < 8 bits) + QuantizeLinear/DequantizeLinear (uint8)."""
+
+    def __init__(self, quantizer: ActQuantizer) -> None:
+        super().__init__()
+        if quantizer.bits > 8:
+            raise UserError(f"activation bits {quantizer.bits} > 8 have no ONNX uint8 QDQ form")
+        levels = 2 ** quantizer.bits - 1
+        scale, zp = quantizer.qparams()
+        self.clip = levels < 255
+        self.register_buffer("scale", scale.detach().float().reshape(()).clone())
+        self.register_buffer("zero_point", zp.detach().to(torch.int32).reshape(()).clone())
+        self.lo = float(-zp * scale)
+        self.hi = float((levels - zp) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clip:
+            x = torch.clamp(x, self.lo, self.hi)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+
+
+class _RawOutput(nn.Module):
+    """The detector's inference output alone (eval-mode models return ``(y, raw)``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _baked_conv(q: QConv2d) -> nn.Conv2d:
+    """A plain conv with ``q``'s hyper-parameters and its fake-quantized (dequantized) weight."""
+    conv = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size, stride=q.stride, padding=q.padding,
+                     dilation=q.dilation, groups=q.groups, bias=q.bias is not None, padding_mode=q.padding_mode)
+    with torch.no_grad():
+        w = fake_quant_weight(q.weight, q.w_bits) if q.quantizes_weight else q.weight
+        conv.weight.copy_(w.detach().float())
+        if q.bias is not None:
+            conv.bias.copy_(q.bias.detach().float())
+    return conv
+
+
+def exportable(model: nn.Module, act_qdq: bool = True) -> nn.Module:
+    """A float, eval-mode copy of ``model`` ready for ``torch.onnx.export``.
+
+    ``QConv2d`` layers become plain convs with baked weights, preceded by an
+    :class:`ActQDQ` when their activation quantizer is on and calibrated (and
+    ``act_qdq``); Detect heads build their anchor grid from the input shape.
+    """
+    model = copy.deepcopy(model).float().cpu().eval()
+    swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, QConv2d)]
+    for name, q in swaps:
+        path, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(path) if path else model
+        conv = _baked_conv(q)
+        aq = q.act_quant
+        if act_qdq and aq.enabled and bool(aq.observed):
+            conv = nn.Sequential(ActQDQ(aq), conv)
+        setattr(parent, leaf, conv)
+    for m in model.modules():
+        if hasattr(m, "dynamic") and hasattr(m, "stride") and hasattr(m, "nl"):  # ultralytics Detect heads
+            m.dynamic = True
+    return _RawOutput(model).eval()
+
+
+def policy_summary(model: nn.Module) -> dict | None:
+    """Short description of a compressed model's policy (None for a float model) for the metadata."""
+    policy = getattr(model, "policy", None)
+    if policy is None:
+        return None
+    wbits: Counter = Counter()
+    abits: Counter = Counter()
+    for m in model.modules():
+        if isinstance(m, QConv2d):
+            wbits.update(int(min(b, FLOAT_BITS)) for b in m.w_bits.tolist())
+            abits[int(m.act_quant.bits)] += 1
+    return {"criterion": policy.criterion, "groups_pruned": len(policy.groups),
+            "channels_kept": sum(len(g.get("keep_idx", [])) for g in policy.groups.values()),
+            "blocks_skipped": policy.skipped,
+            "weight_bits_channels": {str(k): v for k, v in sorted(wbits.items())},
+            "act_bits_layers": {str(k): v for k, v in sorted(abits.items())}}
+
+
+def onnx_meta(model: nn.Module, meta: dict, imgsz: int, precision: str, act_qdq: bool, source: str) -> dict:
+    """The JSON stored under :data:`META_KEY`: everything ``load_model`` and the evaluator need."""
+    stride = getattr(model, "stride", None)
+    stride = int(stride.max()) if isinstance(stride, torch.Tensor) and stride.numel() else 32
+    names = meta.get("names") or [str(i) for i in range(int(meta["num_classes"]))]
+    return {"format": FORMAT, "version": VERSION, "detector": meta.get("detector"),
+            "num_classes": int(meta["num_classes"]), "names": list(names), "imgsz": int(imgsz),
+            "stride": stride, "rescale": meta.get("rescale"), "compressed": bool(meta.get("compressed")),
+            "precision": precision, "act_qdq": act_qdq, "policy": policy_summary(model), "source": source}
+
+
+def read_meta(model: onnx.ModelProto) -> dict | None:
+    """Our metadata of an ONNX model, or None if it is not ours."""
+    for p in model.metadata_props:
+        if p.key == META_KEY:
+            try:
+                data = json.loads(p.value)
+            except json.JSONDecodeError:
+                return None
+            return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+    return None
+
+
+def _set_meta(model: onnx.ModelProto, meta: dict) -> None:
+    for p in list(model.metadata_props):
+        if p.key == META_KEY:
+            model.metadata_props.remove(p)
+    model.metadata_props.add(key=META_KEY, value=json.dumps(meta))
+    model.producer_name = "rsdet-compress"
+
+
+def _save_checked(model: onnx.ModelProto, out: Path) -> Path:
+    """Check ``model`` and write it atomically (temp file in the same folder, then rename)."""
+    onnx.checker.check_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # not mkstemp: that would leave the file 0600
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def export_module(model: nn.Module, meta: dict, out: str | Path, imgsz: int, opset: int = DEFAULT_OPSET,
+                  dynamic_batch: bool = True, act_qdq: bool = True, source: str = "") -> Path:
+    """Export an in-memory detector (float or compressed) to ``out``; see the module docstring."""
+    if not 13 <= opset <= DEFAULT_OPSET:
+        raise UserError(f"opset {opset} not supported: give 13..{DEFAULT_OPSET}")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give the .onnx file's path")
+    net = exportable(model, act_qdq)
+    x = torch.zeros(2 if dynamic_batch else 1, 3, imgsz, imgsz)
+    axes = {INPUT_NAME: {2: "height", 3: "width"}, OUTPUT_NAME: {2: "anchors"}}
+    if dynamic_batch:
+        axes[INPUT_NAME][0] = axes[OUTPUT_NAME][0] = "batch"
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        raw = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(net, (x,), str(raw), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True)
+        proto = onnx.load(str(raw))
+    _qdq_constants_to_initializers(proto)
+    _set_meta(proto, onnx_meta(model, meta, imgsz, "fp32", act_qdq and _has_act_quant(model), source))
+    return _save_checked(proto, out)
+
+
+def _qdq_constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Make every Q/DQ scale and zero point an initializer of its own.
+
+    The exporter leaves some as Constant nodes, or as Identity nodes of a shared
+    initializer (equal values deduplicated). onnxruntime's quantizer treats a tensor
+    coming out of an existing DequantizeLinear as already quantized only when it
+    finds that node's scale among the initializers.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    wanted = {i for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
+    for node in list(graph.node):
+        if node.output[0] not in wanted or node.output[0] in inits:
+            continue
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            source = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in inits:
+            source = inits[node.input[0]]
+        else:
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(source)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        inits[tensor.name] = tensor
+        graph.node.remove(node)
+
+
+def _has_act_quant(model: nn.Module) -> bool:
+    return any(q.enabled and bool(q.observed) for q in model.modules() if isinstance(q, ActQuantizer))
+
+
+def export_onnx(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
+                act_qdq: bool = True) -> Path:
+    """Export a float or compressed checkpoint to ONNX at ``out`` (written atomically); returns ``out``."""
+    from rsdet_compress.detectors.registry import load_detector
+    model, meta = load_detector(weights)
+    policy = getattr(model, "policy", None)
+    imgsz = int(meta.get("imgsz") or (policy.imgsz if policy is not None else 0) or 640)
+    return export_module(model, meta, out, imgsz, opset=opset, dynamic_batch=dynamic_batch, act_qdq=act_qdq,
+                         source=str(weights))
+
+
+# ------------------------------------------------------------------ int8 (onnxruntime)
+def _post_conv_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes after the detection head's last convs (DFL, box decoding, sigmoid, concat): kept in float.
+
+    A node is "before" when some conv other than the DFL's fixed 1x1 conv consumes
+    (directly or not) its output. The decoded boxes are pixel coordinates over the
+    whole image: 256 levels would put them on a ~2.5 px grid at 640 px.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    needed: set[int] = set()
+    stack = [n for n in graph.node if n.op_type == "Conv" and "dfl" not in n.name.lower()]
+    while stack:
+        n = stack.pop()
+        if id(n) in needed:
+            continue
+        needed.add(id(n))
+        stack.extend(producer[i] for i in n.input if i in producer)
+    return [n.name for n in graph.node if id(n) not in needed]
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over float image batches (B, 3, H, W), 0..1."""
+
+    def __init__(self, batches: Iterable, input_name: str) -> None:
+        self._it: Iterator = iter(batches)
+        self.input_name = input_name
+        self.count = 0
+
+    def get_next(self) -> dict | None:
+        x = next(self._it, None)
+        if x is None:
+            return None
+        arr = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+        self.count += 1
+        return {self.input_name: np.ascontiguousarray(arr, dtype=np.float32)}
+
+
+class _DropPreprocessHint(logging.Filter):
+    """Hides onnxruntime's "consider pre-processing" hint (printed on every call; its shape inference is
+    for models without shapes, ours have them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+
+def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable, per_channel: bool = True,
+                  quantize_head_outputs: bool = True) -> Path:
+    """int8 static quantization of one of our float ONNX files with onnxruntime (QDQ format).
+
+    Weights: int8, symmetric, per output channel (``per_channel``); activations:
+    uint8 with MinMax ranges calibrated on ``calib_batches`` (real training chips,
+    float 0..1). The box decoding after the head convs stays float (see
+    :func:`_post_conv_nodes`); ``quantize_head_outputs=False`` also keeps the
+    head's last convs float. A compressed model's own activation QDQ (its policy's
+    bit-widths and calibrated ranges) is kept and reused as the conv input's
+    quantization; its weights, already on a <= 8-bit grid, are re-expressed as int8
+    codes per channel. Metadata is copied with ``precision: int8``.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    onnx_in, out = Path(onnx_in), Path(out)
+    model = onnx.load(str(onnx_in))
+    meta = read_meta(model)
+    if meta is None:
+        raise UserError(f"{onnx_in}: not an rsdet-compress ONNX file")
+    if meta.get("precision") != "fp32":
+        raise UserError(f"{onnx_in}: already quantized ({meta.get('precision')}); give the fp32 ONNX file")
+    exclude = _post_conv_nodes(model)
+    # a compressed model's own activation quantizers (Clip -> Q -> DQ) are kept as they are
+    produced = {o: n for n in model.graph.node for o in n.output}
+    exclude += [produced[n.input[0]].name for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and n.input[0] in produced
+                and produced[n.input[0]].op_type == "Clip"]
+    if not quantize_head_outputs:
+        consumers = {i for n in model.graph.node if n.name not in exclude for i in n.input}
+        exclude += [n.name for n in model.graph.node if n.op_type == "Conv" and n.output[0] not in consumers]
+    batches = iter(calib_batches)
+    first = next(batches, None)
+    if first is None:
+        raise UserError("onnx-int8 needs calibration images: the calibration set is empty")
+    reader = _Reader(itertools.chain([first], batches), model.graph.input[0].name)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        q = Path(tmp) / "int8.onnx"
+        quiet = _DropPreprocessHint()
+        logging.getLogger().addFilter(quiet)
+        try:
+            quantize_static(str(onnx_in), str(q), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
+        finally:
+            logging.getLogger().removeFilter(quiet)
+        proto = onnx.load(str(q))
+    _set_meta(proto, {**meta, "precision": "int8", "per_channel": per_channel,
+                      "calibration_batches": reader.count})
+    return _save_checked(proto, out)

@@ -1,0 +1,203 @@
+"""ONNX export: float and compressed graphs match PyTorch, int8 keeps mAP, bad input is a clean error.
+
+Runs on the really trained small YOLOv8n and real airbus chips (conftest fixtures).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from rsdet_compress.cli.main import main
+from rsdet_compress.compress.calibration import calibration_set
+from rsdet_compress.compress.compressor import Workspace, compress
+from rsdet_compress.compress.policy import Policy
+from rsdet_compress.compress.quant import QConv2d
+from rsdet_compress.detectors.registry import load_detector
+from rsdet_compress.errors import UserError
+from rsdet_compress.export import exporter
+from rsdet_compress.export.exporter import INT8_TOLERANCE, ONNX_TOLERANCE, export
+from rsdet_compress.export.onnx import export_onnx
+from rsdet_compress.export.runtime import OnnxDetector, load_model
+
+#: fp32 ONNX vs PyTorch on the decoded output: boxes are pixels at 320 px (measured max ~2e-4),
+#: scores are sigmoid probabilities (measured ~1e-6). Float reassociation only: anything larger is a bug.
+BOX_ATOL = 1e-2
+SCORE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chips(small_airbus) -> torch.Tensor:
+    """Six real val chips, float 0..1 (1, 3, 320, 320) each."""
+    return calibration_set(str(small_airbus), 320, 6, split="val").images.float().div(255)
+
+
+@pytest.fixture(scope="module")
+def float_onnx(trained_yolov8n, tmp_path_factory):
+    return export_onnx(trained_yolov8n, tmp_path_factory.mktemp("onnx") / "float.onnx")
+
+
+@pytest.fixture(scope="module")
+def compressed(trained_yolov8n, small_airbus, tmp_path_factory):
+    """The trained model pruned 30% (every group) with 4-bit weights and activations, calibrated."""
+    ws = Workspace.from_weights(trained_yolov8n)
+    view = ws.view
+    policy = Policy(detector=view.detector, imgsz=view.imgsz, groups={g: {"keep": 0.7} for g in view.groups},
+                    layers={n: {"weight_bits": 4, "act_bits": 4} for n in view.quantizable})
+    out = tmp_path_factory.mktemp("compressed") / "w4a4p30.pt"
+    compress(trained_yolov8n, policy, out, data=small_airbus, calib_images=16)
+    return out
+
+
+def _compare(ref: torch.Tensor, got: torch.Tensor, box_outliers: float = 0.0, score_atol: float = SCORE_ATOL) -> None:
+    """Scores within ``score_atol`` everywhere; boxes within BOX_ATOL on all but ``box_outliers`` of the anchors."""
+    assert got.shape == ref.shape
+    box = (got[:, :4] - ref[:, :4]).abs().amax(dim=1)
+    assert (box > BOX_ATOL).float().mean() <= box_outliers
+    assert (got[:, 4:] - ref[:, 4:]).abs().max() <= score_atol
+
+
+def _conv_shapes(model: onnx.ModelProto) -> Counter:
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return Counter(inits[n.input[1]] for n in model.graph.node if n.op_type == "Conv")
+
+
+def test_float_onnx_matches_pytorch_with_dynamic_batch(trained_yolov8n, float_onnx, chips):
+    model, _ = load_detector(trained_yolov8n)
+    detector, meta = load_model(float_onnx)
+    assert isinstance(detector, OnnxDetector)
+    assert meta["detector"] == "yolov8n" and meta["imgsz"] == 320 and meta["precision"] == "fp32"
+    assert meta["names"] == ["Airplane", "Truncated_airplane"] and meta["stride"] == 32
+    onnx.checker.check_model(str(float_onnx))
+    dims = onnx.load(str(float_onnx)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"
+    with torch.no_grad():
+        for batch in (chips[:1], chips[1:4]):  # batch 1 and 3 through one file
+            _compare(model(batch)[0], detector(batch))
+    assert next(detector.parameters()).dtype == torch.float32  # what the evaluator and predictor ask
+
+
+def test_compressed_onnx_is_pruned_and_matches_pytorch(compressed, chips, tmp_path):
+    model, meta = load_detector(compressed)
+    assert meta["compressed"]
+    path = export_onnx(compressed, tmp_path / "c.onnx")
+    proto = onnx.load(str(path))
+    torch_shapes = Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert _conv_shapes(proto) == torch_shapes  # the physically pruned graph, conv for conv
+    float_model, _ = load_detector(meta["float_weights"])
+    float_out = sum(m.out_channels for m in float_model.modules() if isinstance(m, nn.Conv2d))
+    assert sum(s[0] for s in _conv_shapes(proto).elements()) < 0.8 * float_out
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] == ops["QuantizeLinear"]  # 4-bit activations
+    detector, ometa = load_model(path)
+    assert ometa["compressed"] and ometa["policy"]["weight_bits_channels"].keys() <= {"4", "32"}
+    n_q = sum(isinstance(m, QConv2d) for m in model.modules())
+    assert ometa["policy"]["act_bits_layers"] == {"4": n_q}
+    with torch.no_grad():  # a fake-quantized activation on a rounding boundary may flip (see exporter's
+        # ONNX_QDQ_TOLERANCE) and move a background anchor's DFL box (measured: scores move <= 2.3e-4)
+        _compare(model(chips[:3])[0], detector(chips[:3]), box_outliers=0.01, score_atol=1e-3)
+
+
+def test_int8_and_float_export_keep_map_via_cli(trained_yolov8n, small_airbus, tmp_path, capsys):
+    rc = main(["export", "--weights", str(trained_yolov8n), "--format", "onnx,onnx-int8", "--data",
+               str(small_airbus), "--out", str(tmp_path), "--calib-images", "32", "--json"])
+    assert rc == 0
+    reports = {r["format"]: r for r in json.loads(capsys.readouterr().out)["artifacts"]}
+    fp, q = reports["onnx"], reports["onnx-int8"]
+    assert fp["torch_map50"] > 0.2  # a real detector, so a broken export would show
+    assert fp["passed"] and abs(fp["dmap50"]) <= ONNX_TOLERANCE
+    assert q["passed"] and abs(q["dmap50"]) <= INT8_TOLERANCE and q["calib_images"] == 32
+    assert q["bytes"] < 0.4 * fp["bytes"] and q["ratio"] > 2.5
+    proto = onnx.load(q["path"])
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["QuantizeLinear"] > 50 and ops["DequantizeLinear"] > 50
+    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) >= 60  # every conv but the fixed DFL one
+    axes = [a.i for n in proto.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert axes and set(axes) == {0}  # per output channel
+    detector, meta = load_model(q["path"])
+    assert meta["precision"] == "int8" and meta["calibration_batches"] == 4
+
+
+def test_round8_rounds_kept_channels(compressed, small_airbus, tmp_path):
+    r = export(compressed, "onnx", out=tmp_path / "r8.onnx", data=small_airbus, calib_images=16, round8=True)
+    assert r["passed"] and r["round8"]["channels_added"] > 0
+    rounded, _ = load_detector(r["round8"]["weights"])
+    ws = Workspace.from_weights(load_detector(compressed)[1]["float_weights"])
+    for name, spec in rounded.policy.groups.items():
+        n, size = len(spec["keep_idx"]), ws.view.groups[name].size
+        assert n % 8 == 0 or n == size, name
+    proto = onnx.load(r["path"])
+    assert _conv_shapes(proto) == Counter(tuple(m.weight.shape) for m in rounded.modules()
+                                          if isinstance(m, nn.Conv2d))
+
+
+def test_failed_check_leaves_no_complete_artifact(trained_yolov8n, small_airbus, tmp_path, monkeypatch):
+    real = exporter._reference
+    monkeypatch.setattr(exporter, "_reference", lambda *a: {**real(*a), "map50": 0.99})
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(UserError, match="beyond the tolerance"):
+        export(trained_yolov8n, "onnx", out=out, data=small_airbus)
+    assert not out.exists() and (tmp_path / "bad.onnx.failed").exists()
+
+
+def test_foreign_onnx_is_refused(tmp_path):
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 3, 8, 8]) for n in ("x", "y")]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([node], "g", [vi[0]], [vi[1]])), foreign)
+    with pytest.raises(UserError, match="not an rsdet-compress ONNX file"):
+        load_model(foreign)
+    (tmp_path / "junk.onnx").write_bytes(b"not protobuf at all")
+    with pytest.raises(UserError, match="junk.onnx"):
+        load_model(tmp_path / "junk.onnx")
+
+
+def test_cli_errors_exit_2(trained_yolov8n, small_airbus, tmp_path, capsys):
+    def run(*argv: str) -> str:
+        assert main(["export", "--weights", str(trained_yolov8n), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        return err
+
+    assert "unknown export format 'tflite'" in run("--format", "tflite", "--data", str(small_airbus))
+    # a dataset whose train split (the calibration chips) has no images
+    cfg = yaml.safe_load(small_airbus.read_text())
+    root = small_airbus.parent
+    (tmp_path / "empty").mkdir()
+    cfg.update(train=str(tmp_path / "empty"), val=str(root / cfg["val"]), test=str(root / cfg["test"]),
+               coco={k: str(root / v) for k, v in cfg["coco"].items()})
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump(cfg))
+    err = run("--format", "onnx-int8", "--data", str(data), "--out", str(tmp_path / "q.onnx"))
+    assert "missing calibration set" in err
+    assert not (tmp_path / "q.onnx").exists()
+    assert main(["export", "--weights", str(tmp_path / "nope.onnx"), "--format", "onnx"]) == 2
+    assert "PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_evaluator_scores_onnx_like_pytorch(float_onnx, trained_yolov8n, small_airbus):
+    """The same Evaluator consumes OnnxDetector: identical detections up to float noise."""
+    from rsdet_compress.data.config import load_data_config
+    from rsdet_compress.engine.evalset import EvalSet
+    from rsdet_compress.engine.evaluator import Evaluator
+    cfg = load_data_config(small_airbus)
+    ev = Evaluator(EvalSet.from_coco(cfg.split_coco("val"), cfg.split_images("val"), 320, max_images=12))
+    a = ev(load_detector(trained_yolov8n)[0])
+    b = ev(load_model(float_onnx)[0])
+    assert np.isclose(a["map50"], b["map50"], atol=ONNX_TOLERANCE)
