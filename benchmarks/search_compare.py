@@ -79,7 +79,7 @@ def run(model: str, budget: str, episodes: int, data_yaml: Path, args) -> list[d
     return rows
 
 
-def _markdown(rows: list[dict], command: str) -> str:
+def _markdown(rows: list[dict], commands: list[str]) -> str:
     cols = ["model", "budget", "agent", "test_map50", "test_map50_95", "reward_map50", "x_smaller", "x_fewer_bops",
             "x_fewer_flops", "candidates", "wall_min", "eval_ratio"]
     table = format_table([{c: r[c] for c in cols} for r in rows])
@@ -87,7 +87,8 @@ def _markdown(rows: list[dict], command: str) -> str:
              "activation ranges), no fine-tuning. reward_map50: the same policy on the search's reward chips "
              "(training split). eval_ratio: mean candidate evaluation time (apply + calibrate + forward + NMS + "
              "COCOeval) / bare forward time over the same reward chips.")
-    return f"# Search comparison: airbus-aircraft\n\n{table}\n\n{notes}\n\nCommand: `{command}`\n"
+    cmds = "\n".join(f"- `RSDET_DATA=../shared/data {c}`" for c in commands)
+    return f"# Search comparison: airbus-aircraft\n\n{table}\n\n{notes}\n\nCommands:\n{cmds}\n"
 
 
 def main() -> int:
@@ -98,19 +99,26 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-images", type=int, default=16)
     ap.add_argument("--reward-images", type=int, default=32)
+    ap.add_argument("--append", action="store_true", help="add to the existing results (other models/budgets)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     prep = load_config(REPO / "configs" / "airbus-prepare.yaml", PrepareConfig)
     data_yaml = Path(prep.out) / "data.yaml"
-    rows = []
+    old = json.loads((RESULTS / "search_compare.json").read_text()) if args.append and (
+        RESULTS / "search_compare.json").is_file() else []
+    rows, commands = [], [r for r in old if "command" in r]
+    old = [r for r in old if "command" not in r]
     for model in args.models.split(","):
         for budget in args.budgets.split(","):
             rows += run(model, budget, args.episodes, data_yaml, args)
+            done = {(r["model"], r["budget"]) for r in rows}
+            table = [r for r in old if (r["model"], r["budget"]) not in done] + rows
             command = "python " + " ".join(["benchmarks/search_compare.py", *sys.argv[1:]])
+            cmds = [c for c in commands if c["command"] != command] + [{"command": command}]
             RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / "search_compare.json").write_text(json.dumps(rows, indent=2))
-            (RESULTS / "search_compare.md").write_text(_markdown(rows, command))
-    print(_markdown(rows, command))
+            (RESULTS / "search_compare.json").write_text(json.dumps(table + cmds, indent=2))
+            (RESULTS / "search_compare.md").write_text(_markdown(table, [c["command"] for c in cmds]))
+    print(_markdown(table, [c["command"] for c in cmds]))
     return 0
 
 

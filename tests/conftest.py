@@ -52,7 +52,10 @@ def small_airbus(airbus_dir: Path, tmp_path_factory) -> Path:
     """Real airbus scenes at quarter resolution in 320 px chips (configs/airbus-small-prepare.yaml)."""
     from rsdet_compress.config import load_config
     from rsdet_compress.data.prepare import PrepareConfig, prepare
-    out = tmp_path_factory.mktemp("prepared") / "airbus-small"
+    cache = os.environ.get("RSDET_TEST_CACHE")  # developer speed-up: reuse across pytest sessions (CI: unset)
+    if cache and (Path(cache) / "airbus-small" / "data.yaml").is_file():
+        return Path(cache) / "airbus-small" / "data.yaml"
+    out = Path(cache) / "airbus-small" if cache else tmp_path_factory.mktemp("prepared") / "airbus-small"
     cfg = load_config(REPO / "configs" / "airbus-small-prepare.yaml", PrepareConfig, out=str(out))
     prepare(cfg, progress=False)
     return out / "data.yaml"
@@ -68,10 +71,13 @@ def trained_yolov8n(small_airbus: Path, tmp_path_factory) -> Path:
 
     from rsdet_compress.config import load_config
     from rsdet_compress.engine.trainer import TrainConfig, train
+    cache = os.environ.get("RSDET_TEST_CACHE")  # developer speed-up: reuse across pytest sessions (CI: unset)
+    if cache and (Path(cache) / "yolov8n-small" / "weights" / "best.pt").is_file():
+        return Path(cache) / "yolov8n-small" / "weights" / "best.pt"
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # other test modules pin 1 thread
     try:
-        out = tmp_path_factory.mktemp("trained") / "yolov8n-small"
+        out = Path(cache) / "yolov8n-small" if cache else tmp_path_factory.mktemp("trained") / "yolov8n-small"
         cfg = load_config(REPO / "configs" / "airbus-small-yolov8n.yaml", TrainConfig, data=str(small_airbus),
                           out=str(out), verbose=False, track=False)
         result = train(cfg)

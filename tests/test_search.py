@@ -109,3 +109,76 @@ def test_bad_input_fails_fast(trained_yolov8n: Path, small_airbus: Path, tmp_pat
     finally:
         os.environ["MLFLOW_TRACKING_URI"] = os.environ.pop("MLFLOW_TRACKING_URI_SAVED")
     assert not list((Path(os.environ["RSDET_RUNS"]) / "search").glob("*/state.pt"))
+
+
+class _FlakyStore:
+    """Wraps ``logbook._client``: the store goes down after ``down_after`` candidate runs were created (the last
+    one half-written: run created, its params and metrics not) and comes back after ``up_after`` failed calls."""
+
+    def __init__(self, real, down_after: int, up_after: int | None):
+        self.real, self.down_after, self.up_after = real, down_after, up_after
+        self.created = self.failed = 0
+        self.down = False
+
+    def __call__(self, uri: str):
+        store, client = self, self.real(uri)
+
+        class Client:
+            def __getattr__(self, name):
+                attr = getattr(client, name)
+
+                def call(*args, **kwargs):
+                    if store.down:
+                        store.failed += 1
+                        if store.up_after is not None and store.failed > store.up_after:
+                            store.down = False
+                        else:
+                            raise ConnectionError("MLflow store unreachable")
+                    out = attr(*args, **kwargs)
+                    if name == "create_run" and "mlflow.parentRunId" in (kwargs.get("tags") or {}):
+                        store.created += 1
+                        store.down = store.created >= store.down_after
+                    return out
+                return call
+        return Client()
+
+
+def _episodes(uri: str, run_id: str) -> list[int]:
+    return sorted(int(k.data.tags["episode"]) for k in _children(uri, run_id))
+
+
+def test_mlflow_outage_mid_search_loses_and_duplicates_nothing(trained_yolov8n: Path, small_airbus: Path,
+                                                               monkeypatch):
+    from rsdet_compress.search import logbook
+    flaky = _FlakyStore(logbook._client, down_after=2, up_after=5)  # down for ~2 episodes, from candidate 1 on
+    monkeypatch.setattr(logbook, "_client", flaky)
+    r = search(SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="random", episodes=5,
+                            seed=0, **SMALL), progress=False)
+    assert flaky.failed > 1 and not flaky.down  # it really went down, and came back
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    assert _episodes(uri, r.run_id) == [0, 1, 2, 3, 4]  # candidate 1 was half-written once: replaced, not doubled
+    for k in _children(uri, r.run_id):
+        assert METRICS <= set(k.data.metrics) and k.info.status == "FINISHED"
+    assert not (Path(r.out_dir) / "pending.jsonl").exists()
+
+
+def test_mlflow_down_until_the_end_keeps_candidates_and_resume_uploads_them(trained_yolov8n: Path,
+                                                                            small_airbus: Path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from rsdet_compress.search import logbook
+    real = logbook._client
+    monkeypatch.setattr(logbook, "_client", _FlakyStore(real, down_after=2, up_after=None))
+    r = search(SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="random", episodes=4,
+                            seed=0, **SMALL), progress=False)
+    assert "pending.jsonl" in capsys.readouterr().err
+    pending = [json.loads(line) for line in (Path(r.out_dir) / "pending.jsonl").read_text().splitlines()]
+    assert [p["episode"] for p in pending] == [1, 2, 3]  # 1 half-written, 2 and 3 never reached MLflow
+    assert (Path(r.out_dir) / "best_policy.json").is_file()  # the search's own results do not need MLflow
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setattr(logbook, "_client", real)
+    assert MlflowClient(uri).get_run(r.run_id).info.status == "RUNNING"
+    assert main(["search", "--resume", r.run_id, "--quiet"]) == 0
+    assert _episodes(uri, r.run_id) == [0, 1, 2, 3]
+    assert MlflowClient(uri).get_run(r.run_id).info.status == "FINISHED"
+    assert not (Path(r.out_dir) / "pending.jsonl").exists()

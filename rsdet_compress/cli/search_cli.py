@@ -15,7 +15,8 @@ def add_search(sub) -> None:
     p.add_argument("--agent", default="ajpq", help="ajpq | abcp | random | two-stage | uniform")
     p.add_argument("--budget", action="append", help="NAME=FRACTION of the float model, NAME in size|bops|flops "
                    "(repeatable), e.g. --budget size=0.125 --budget bops=0.02")
-    p.add_argument("--episodes", type=int, default=100, help="candidate evaluations")
+    p.add_argument("--episodes", type=int, help="candidate evaluations (default 100; with --resume: the search's own"
+                   " count, or more to extend it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="accuracy", help="accuracy | accuracy_log_cost | accuracy_minus_cost")
     p.add_argument("--metric", default="map50", help="map50 | map50_95: the accuracy the reward reads")
@@ -39,12 +40,13 @@ def add_compare(sub) -> None:
 def run_search(args: argparse.Namespace) -> None:
     from rsdet_compress.search.runner import SearchConfig, search
     if args.resume:
-        r = search(resume=args.resume, progress=not args.quiet, episodes=args.episodes)
+        r = search(resume=args.resume, progress=not args.quiet,
+                   **({"episodes": args.episodes} if args.episodes else {}))
     else:
         if not args.weights or not args.data:
             raise UserError("search needs --weights and --data (or --resume RUN_ID)")
         cfg = SearchConfig(weights=args.weights, data=args.data, agent=args.agent,
-                           budget=args.budget or ["size=0.125"], episodes=args.episodes, seed=args.seed,
+                           budget=args.budget or ["size=0.125"], episodes=args.episodes or 100, seed=args.seed,
                            reward=args.reward, metric=args.metric, criterion=args.criterion,
                            calib_images=args.calib_images, reward_images=args.reward_images, act_bits=args.act_bits,
                            **({"experiment": args.experiment} if args.experiment else {}))

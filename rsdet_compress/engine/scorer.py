@@ -8,7 +8,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rsdet_compress.data.config import load_data_config
-from rsdet_compress.detectors.registry import load_detector
 from rsdet_compress.engine.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator
 

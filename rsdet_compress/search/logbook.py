@@ -3,8 +3,10 @@
 Uses ``MlflowClient`` with explicit run ids (no global "active run"), so a
 resumed search appends to the same parent. A candidate whose logging fails
 (store unreachable) is kept in ``pending`` (saved with the search checkpoint)
-and written on the next successful call; at the end anything still pending
-goes to ``pending.jsonl`` in the search folder.
+and written on the next successful call; a write that failed half-way (run
+created, metrics not) is replaced, not duplicated, on the retry. If the store
+is still down at the end, anything pending goes to ``pending.jsonl`` in the
+search folder and ``--resume RUN_ID`` uploads it later.
 """
 from __future__ import annotations
 
@@ -117,6 +119,11 @@ class Logbook:
     def _write(self, rec: dict) -> None:
         client = _client(self.uri)
         exp_id = client.get_run(self.parent).info.experiment_id
+        if rec.get("attempted"):  # an earlier try may have created the run before the store went away
+            for r in self.children():
+                if int(r.data.tags.get("episode", -1)) == rec["episode"]:
+                    client.delete_run(r.info.run_id)
+        rec["attempted"] = True
         run = client.create_run(exp_id, run_name=f"candidate-{rec['episode']:04d}",
                                 tags={PARENT_TAG: self.parent, "episode": str(rec["episode"]),
                                       "stage": rec["params"].get("stage", "")})
@@ -132,14 +139,24 @@ class Logbook:
         except Exception:  # noqa: BLE001 - best-so-far curves are a convenience; candidates are not
             pass
 
-    def finish(self, artifacts: list[Path], status: str = "FINISHED", fallback: Path | None = None) -> None:
-        """Attach artifacts, end the parent run; unwritten candidates go to ``fallback`` (JSONL)."""
-        if not self.flush() and fallback is not None:
-            fallback.write_text("".join(json.dumps(r) + "\n" for r in self.pending))
-        client = _client(self.uri)
-        for path in artifacts:
-            client.log_artifact(self.parent, str(path))
-        client.set_terminated(self.parent, status)
+    def finish(self, artifacts: list[Path], status: str = "FINISHED", fallback: Path | None = None) -> bool:
+        """Attach artifacts and end the parent run; False (and ``fallback`` JSONL of what is unwritten) if the
+        store is down: the parent stays RUNNING until a resume finishes it."""
+        ok = self.flush()
+        if ok:
+            try:
+                client = _client(self.uri)
+                for path in artifacts:
+                    client.log_artifact(self.parent, str(path))
+                client.set_terminated(self.parent, status)
+            except Exception:  # noqa: BLE001 - store down at the very end: the files are on disk
+                ok = False
+        if fallback is not None:
+            if ok:
+                fallback.unlink(missing_ok=True)
+            else:
+                fallback.write_text("".join(json.dumps(r) + "\n" for r in self.pending))
+        return ok
 
 
 def _artifacts(uri: str) -> str | None:

@@ -112,7 +112,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         if not path.is_file():
             raise UserError(f"--resume {resume}: no search checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = SearchConfig(**{**state["config"], **{k: v for k, v in overrides.items() if k == "episodes"}})
+        cfg = SearchConfig(**{**state["config"], **{k: v for k, v in overrides.items() if k == "episodes" and v}})
     else:
         cfg = config or SearchConfig()
         cfg = SearchConfig(**{**asdict(cfg), **overrides})
@@ -152,6 +152,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         searcher.load_state_dict(state["searcher"])
         book.pending = state["pending"]
         records, start, wall0 = state["records"], state["next_episode"], state["wall_seconds"]
+        evaluator.seconds = list(state.get("eval_seconds", []))
         book.forget_from(start)
         book_artifacts = []
     out_dir = _state_dir(run_id)
@@ -176,7 +177,8 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
                                 "best_compression_ratio": best["metrics"]["compression_ratio"]}, step=episode)
         _save_state(out_dir / "state.pt", {
             "config": asdict(cfg), "searcher": searcher.state_dict(), "pending": book.pending,
-            "records": records, "best": best, "next_episode": episode + 1, "wall_seconds": time.perf_counter() - t0})
+            "records": records, "best": best, "next_episode": episode + 1, "wall_seconds": time.perf_counter() - t0,
+            "eval_seconds": list(evaluator.seconds)})
         bar.update(1)
         bar.set_postfix_str(f"best reward {best['metrics']['reward']:.4f} {cfg.metric} "
                             f"{best['metrics'][cfg.metric]:.4f} | now {cand.ratios['size']:.1f}x smaller, "
@@ -193,6 +195,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     if best:
         best_policy = Policy.from_dict(best["policy"], source="search")
         best_policy.weights = ws.weights_fp
+        best_policy.search_run = run_id
         best_policy.save(out_dir / "best_policy.json")
         artifacts.append(out_dir / "best_policy.json")
     row = summary_row(cfg.agent, records, cfg.metric)
@@ -201,7 +204,10 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
                                                      indent=2))
     artifacts.append(out_dir / "summary.json")
     book.update_parent({"wall_seconds": wall, "eval_ratio": ratio or 0.0}, step=cfg.episodes)
-    book.finish(artifacts, fallback=out_dir / "pending.jsonl")
+    if not book.finish(artifacts, fallback=out_dir / "pending.jsonl"):
+        import sys
+        print(f"warning: MLflow store {uri} unreachable at the end: {len(book.pending)} candidate(s) kept in "
+              f"{out_dir / 'pending.jsonl'}; `rsdet-compress search --resume {run_id}` uploads them", file=sys.stderr)
     return SearchResult(run_id, best, best_policy, records, wall, ratio, str(out_dir))
 
 

@@ -7,7 +7,7 @@ evaluated :class:`~rsdet_compress.search.env.Candidate`; ``state_dict`` /
 * ``ajpq``: the hierarchical DDPG agent (layer controller: sparsity; channel
   controller: bits over the kept channels), no block skipping.
 * ``abcp``: policy gradient over block keep/skip plus the same per-layer actions.
-* ``random``: uniform random actions (and block skips) through the same
+* ``random``: random actions (uniform bits, sparsity scaled by a per-episode strength; block skips) through the same
   environment, so every candidate meets the same budget.
 * ``two-stage``: first half of the episodes searches pruning only (float
   weights, half the compression in log space), the second half searches
@@ -23,6 +23,7 @@ import numpy as np
 from rsdet_compress.compress.baselines import uniform_bits
 from rsdet_compress.errors import UserError
 from rsdet_compress.search.agents import make_agent
+from rsdet_compress.search.agents.exploration import fitted, warmup_action
 from rsdet_compress.search.env import STATE_DIM, Candidate, CompressEnv, EnvConfig
 
 EnvFactory = Callable[[EnvConfig, object], CompressEnv]  # (config, budget or None for the search's) -> env
@@ -52,7 +53,7 @@ class AgentSearcher:
     def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
         self.name = name
         self.env = make_env(env_cfg, None)
-        self.agent = make_agent(name, STATE_DIM, len(self.env.view.blocks), seed)
+        self.agent = make_agent(name, STATE_DIM, len(self.env.view.blocks), seed, **fitted(name, episodes))
 
     def run_episode(self, episode: int) -> Candidate:
         return _episode(self.env, self.agent, episode)
@@ -76,9 +77,10 @@ class RandomSearcher:
 
     def run_episode(self, episode: int) -> Candidate:
         s = self.env.reset(self.rng.random(len(self.env.view.blocks)) < self.skip_prob)
+        strength = float(self.rng.random())  # the episode's pruning strength, as in the agents' warm-up
         done = False
         while not done:
-            s, done, _ = self.env.step(self.rng.random(3))
+            s, done, _ = self.env.step(warmup_action(self.rng, strength))
         self.env.finish()
         return self.env.candidate
 
@@ -95,9 +97,9 @@ class TwoStageSearcher:
 
     def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
         self.name, self.make_env, self.seed, self.env_cfg = name, make_env, seed, env_cfg
-        self.switch = max(1, episodes // 2)
+        self.switch, self.episodes = max(1, episodes // 2), episodes
         self.prune_env = make_env(EnvConfig(**{**vars(env_cfg), "mode": "prune"}), "half")
-        self.prune_agent = make_agent("ajpq", STATE_DIM, 0, seed)
+        self.prune_agent = make_agent("ajpq", STATE_DIM, 0, seed, **fitted("ajpq", self.switch))
         self.best_prune: tuple[float, dict] | None = None
         self.quant_env = self.quant_agent = None
 
@@ -106,7 +108,8 @@ class TwoStageSearcher:
         self.quant_env = self.make_env(EnvConfig(**{**vars(self.env_cfg), "mode": "quant", "fixed_groups": groups}),
                                        None)
         self.quant_env.episode = self.switch - 1
-        self.quant_agent = make_agent("ajpq", STATE_DIM, 0, self.seed + 1)
+        self.quant_agent = make_agent("ajpq", STATE_DIM, 0, self.seed + 1,
+                                      **fitted("ajpq", self.episodes - self.switch))
 
     def stage(self, episode: int) -> str:
         return "prune" if episode < self.switch else "quant"

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .exploration import warmup_action
 from .replay import ReplayBuffer
 
 ACTION_DIM = 3  # sparsity, mean-bit position, bit spread
@@ -62,6 +63,9 @@ class DDPGConfig:
     baseline_decay: float = 0.9  # moving-average reward baseline: b = d*b + (1-d)*R, ~10-episode memory
     updates_per_episode: int | None = None  # gradient steps per episode; None = T, one per transition as AMC/HAQ
     init_w: float = 3e-3  # AMC/HAQ: last layers start near zero, so sigmoid actions start near 0.5
+    warmup_strength: bool = True  # warm-up sparsity actions scaled by one uniform draw per episode (see
+    # exploration.warmup_action): uniform per-layer actions prune ~40% everywhere, which no detector survives
+    # without fine-tuning, so every warm-up reward was 0 and the critic learnt nothing on YOLOv8n
 
 
 def _mlp(n_in: int, hidden: Sequence[int], n_out: int, gen: torch.Generator, init_w: float) -> nn.Sequential:
@@ -144,16 +148,19 @@ class AJPQAgent:
         self.sigma = cfg.sigma_init  # exploration std of the next post-warm-up episode
         self.episodes_seen = 0
         self.steps_per_episode = 0  # T, from the last observed episode
+        self.strength = 1.0  # the current warm-up episode's pruning strength
 
     # -- acting ------------------------------------------------------------------------------
     def select_blocks(self, episode: int) -> np.ndarray:
-        """AJPQ compresses every block: all zeros (1 would mean skip)."""
+        """AJPQ compresses every block: all zeros (1 would mean skip). Draws the warm-up episode's strength."""
+        if episode < self.config.warmup_episodes:
+            self.strength = float(self.rng.random()) if self.config.warmup_strength else 1.0
         return np.zeros(self.n_blocks, np.int64)
 
     def select_action(self, state: np.ndarray, episode: int) -> np.ndarray:
         """Uniform random during warm-up; else the hierarchical actor with truncated-normal noise, in [0, 1]^3."""
         if episode < self.config.warmup_episodes:
-            return self.rng.random(ACTION_DIM).astype(np.float32)
+            return warmup_action(self.rng, self.strength)
         s = torch.as_tensor(np.asarray(state, np.float32)).unsqueeze(0)
         with torch.no_grad():
             a0 = truncated_normal(self.actor.sparsity(s).numpy(), self.sigma, self.rng)
@@ -232,7 +239,7 @@ class AJPQAgent:
             "replay_seed": (self._replay_seed.entropy, list(self._replay_seed.spawn_key)),  # buffer not built yet
             "baseline": self.baseline, "sigma": self.sigma,
             "episodes_seen": self.episodes_seen, "steps_per_episode": self.steps_per_episode,
-            "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
+            "strength": self.strength, "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -252,6 +259,7 @@ class AJPQAgent:
         self.baseline = d["baseline"]
         self.sigma = float(d["sigma"])
         self.episodes_seen, self.steps_per_episode = int(d["episodes_seen"]), int(d["steps_per_episode"])
+        self.strength = float(d.get("strength", 1.0))
         self.rng.bit_generator.state = d["rng"]
         self.torch_gen.set_state(d["torch_gen"])
 
