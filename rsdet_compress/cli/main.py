@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from rsdet_compress.cli.export_cli import add_export, run_export
+from rsdet_compress.cli.finetune_cli import add_finetune, run_finetune
 from rsdet_compress.cli.search_cli import add_compare, add_search, run_compare, run_search
 from rsdet_compress.errors import UserError
 
@@ -80,6 +82,12 @@ def _add_predict(sub) -> None:
     p.add_argument("--conf", type=float, default=0.25)
     p.add_argument("--iou", type=float, default=0.7)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--slice", type=int, help="sliced inference: window side in model-input pixels (at the "
+                   "training scale, like `data prepare --tile`); default: automatic for large images")
+    p.add_argument("--overlap", type=float, default=0.2, help="overlap of neighbouring windows (0..<1)")
+    p.add_argument("--merge", default="nms", help="merge windows' boxes: nms | wbf (weighted box fusion)")
+    p.add_argument("--full-pass", action="store_true", help="also run the whole image at reduced resolution")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=64)
     sub.add_parser("models", help="list registered detectors")
     add_search(sub)
+    add_finetune(sub)
     add_compare(sub)
+    add_export(sub)
     return parser
 
 
@@ -203,9 +213,22 @@ def _run_evaluate(args) -> None:
 
 
 def _run_predict(args) -> None:
+    import warnings
+
+    from rsdet_compress.engine.geo import GeoreferenceWarning
     from rsdet_compress.engine.predictor import predict
-    coco = predict(args.weights, args.source, args.out, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
-                   device=args.device)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GeoreferenceWarning)
+            coco = predict(args.weights, args.source, args.out, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+                           device=args.device, slice_size=args.slice, overlap=args.overlap, merge=args.merge,
+                           full_pass=args.full_pass, batch=args.batch)
+    finally:
+        for w in caught:  # ours as one `warning: ...` line each, others as Python shows them
+            if issubclass(w.category, GeoreferenceWarning):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(f"{len(coco['annotations'])} detections in {len(coco['images'])} image(s) -> {args.out}")
 
 
@@ -216,6 +239,7 @@ def _run_models(args) -> None:
 
 COMMANDS = {"data": _run_prepare, "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
             "policy": _run_policy, "compress": _run_compress, "search": run_search, "compare": run_compare,
+            "export": run_export, "finetune": run_finetune,
             "models": _run_models}
 
 

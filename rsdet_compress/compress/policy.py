@@ -66,6 +66,8 @@ class Policy:
     blocks: dict[str, str] = field(default_factory=dict)
     default_weight_bits: int = 32
     default_act_bits: int = 32
+    #: MLflow run id of the search that found this policy (fine-tuning logs as its child); None if hand-made
+    search_run: str | None = None
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
