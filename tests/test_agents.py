@@ -249,16 +249,19 @@ def test_agents_leave_the_global_rngs_alone():
 
 
 # ---------------------------------------------------------------------------------- exploration and bounds
-def test_ajpq_warmup_is_uniform_then_noise_decays_around_the_actor():
+def test_ajpq_warmup_is_random_then_noise_decays_around_the_actor():
     agent, env = ajpq(0, warmup_episodes=20, sigma_init=0.5, sigma_decay=0.9), BudgetEnv(*AJPQ_ENV)
     used, warm = [], []  # sigma each episode explores with; the warm-up episodes' actions
     for episode in range(25):
         used.append(agent.sigma)
         warm.append(run(agent, env, 1, start=episode)[1])
+    per_episode = np.stack([w[:, 0].mean() for w in warm[:20]])
     warm = np.concatenate(warm[:20])
-    u = np.sort(warm.ravel())  # 20 episodes x 8 layers x 3 = 480 draws
-    assert u.min() >= 0 and u.max() <= 1
+    assert warm.min() >= 0 and warm.max() <= 1
+    u = np.sort(warm[:, 1:].ravel())  # bit actions: 20 episodes x 8 layers x 2 = 320 uniform draws
     assert np.abs(u - (np.arange(1, u.size + 1) - 0.5) / u.size).max() < 0.08  # Kolmogorov-Smirnov vs U(0, 1)
+    # sparsity: uniform x the episode's strength ~ U(0, 1): mean 1/4, and episodes differ (mild to hard pruning)
+    assert abs(warm[:, 0].mean() - 0.25) < 0.08 and per_episode.max() - per_episode.min() > 0.3
     assert used[:21] == [0.5] * 21  # untouched by warm-up; the first learned episode explores with sigma_init
     np.testing.assert_allclose(used[20:], 0.5 * 0.9 ** np.arange(5))  # then x0.9 per episode
     s = env.reset([])
