@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -38,15 +36,11 @@ from ultralytics.utils.nms import non_max_suppression  # noqa: E402
 
 from rsdet_compress.data.tiling import Tile, tile_grid  # noqa: E402
 from rsdet_compress.engine.evalset import PAD_VALUE, letterbox  # noqa: E402
+from rsdet_compress.engine.scene import SceneReader  # noqa: E402
 from rsdet_compress.errors import UserError  # noqa: E402
 
-#: images up to this many pixels (~120 MB as RGB) are decoded at once; larger ones window by window.
-FULL_DECODE_PIXELS = 40_000_000
-#: GDAL's block cache while reading a scene (MB): bounds memory on huge rasters.
-GDAL_CACHE_MB = 64
 #: a box within this many model-input pixels of an interior window border counts as cut by it.
 CUT_MARGIN = 2.0
-_CV2_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MERGE_METHODS = ("nms", "wbf")
 
 RatioPad = tuple[tuple[float, float], tuple[float, float]]  # ((gain_y, gain_x), (pad_left, pad_top))
@@ -62,138 +56,6 @@ def tile_windows(width: int, height: int, slice_size: int, overlap: float, resca
     if slice_size < 1 or rescale <= 0:
         raise ValueError(f"slice_size and rescale must be positive, got {slice_size}, {rescale}")
     return tile_grid(width, height, max(1, round(slice_size / rescale)), overlap)
-
-
-class SceneReader:
-    """RGB uint8 windows of one image file, without decoding a large file at once.
-
-    rasterio (GDAL) reads windows of GeoTIFFs and every raster format GDAL
-    knows; a file of at most ``max_pixels`` is decoded once (OpenCV for common
-    formats) and windows are slices of it; PIL is the fallback for what GDAL
-    cannot open. 1-band images are replicated to grey RGB, extra bands are
-    ignored, and non-8-bit data is stretched to 0..255 by its 0.5/99.5 percentiles.
-    """
-
-    def __init__(self, path: str | Path, max_pixels: int = FULL_DECODE_PIXELS) -> None:
-        import rasterio
-        from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-
-        self.path = Path(path)
-        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
-        self._env.__enter__()
-        self._ds = self._full = None
-        self._stretch: tuple[float, float] | None = None
-        self.crs = self.transform = self.gcps = None
-        try:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    self._ds = rasterio.open(self.path)
-            except RasterioIOError:
-                self._full = self._pil_decode()
-            if self._ds is not None:
-                ds = self._ds
-                self.width, self.height = ds.width, ds.height
-                self.crs, self.transform, self.gcps = ds.crs, ds.transform, ds.gcps
-                self._bands = [1] if ds.count < 3 else [1, 2, 3]
-                if ds.dtypes[0] != "uint8":
-                    self._stretch = self._percentiles()
-                if self.width * self.height <= max_pixels:
-                    self._full = self._small_decode()
-            else:
-                self.height, self.width = self._full.shape[:2]
-        except BaseException:
-            self.close()
-            raise
-
-    def _pil_decode(self) -> np.ndarray:
-        import sys
-
-        from PIL import Image
-        # PIL's own open: ultralytics wraps Image.open to pip-install a HEIF plugin on unknown files
-        pil_open = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", Image.open)
-        try:
-            with warnings.catch_warnings():  # a clear error below beats PIL's notes on a bad file
-                warnings.simplefilter("ignore")
-                with pil_open(self.path) as im:
-                    return np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError, ImportError, Image.DecompressionBombError) as e:
-            raise UserError(f"{self.path}: unreadable image ({type(e).__name__})") from None
-
-    def _small_decode(self) -> np.ndarray:
-        if self.path.suffix.lower() in _CV2_SUFFIXES and self._stretch is None:
-            bgr = cv2.imread(str(self.path), cv2.IMREAD_COLOR)  # the decoder training chips were made with
-            if bgr is not None:
-                return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        return self._rio_read(None)
-
-    def _percentiles(self) -> tuple[float, float]:
-        sample = self._ds.read(self._bands, out_shape=(len(self._bands), *self._reduced_shape(1024)))
-        lo, hi = np.percentile(sample, (0.5, 99.5))
-        return float(lo), float(max(hi, lo + 1))
-
-    def _reduced_shape(self, max_side: int) -> tuple[int, int]:
-        s = min(1.0, max_side / max(self.width, self.height))
-        return max(1, round(self.height * s)), max(1, round(self.width * s))
-
-    def _to_rgb(self, bands: np.ndarray) -> np.ndarray:
-        """C x H x W raster bands -> H x W x 3 uint8."""
-        if self._stretch is not None:
-            lo, hi = self._stretch
-            bands = np.clip((bands.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
-        if bands.shape[0] == 1:
-            bands = np.repeat(bands, 3, axis=0)
-        return np.ascontiguousarray(bands.transpose(1, 2, 0))
-
-    def _rio_read(self, window, out_shape: tuple[int, int] | None = None) -> np.ndarray:
-        from rasterio.enums import Resampling
-        from rasterio.errors import RasterioIOError
-        shape = None if out_shape is None else (len(self._bands), *out_shape)
-        try:
-            data = self._ds.read(self._bands, window=window, out_shape=shape, resampling=Resampling.average)
-        except RasterioIOError as e:
-            raise UserError(f"{self.path}: unreadable image data ({str(e)[:80]})") from None
-        return self._to_rgb(data)
-
-    @property
-    def decoded(self) -> bool:
-        """Whether the whole image is in memory (small images)."""
-        return self._full is not None
-
-    def read(self, tile: Tile) -> np.ndarray:
-        """The pixels of ``tile`` (H x W x 3 RGB uint8)."""
-        if self._full is not None:
-            return self._full[tile.y0:tile.y0 + tile.h, tile.x0:tile.x0 + tile.w]
-        from rasterio.windows import Window
-        return self._rio_read(Window(tile.x0, tile.y0, tile.w, tile.h))
-
-    def overview(self, max_side: int) -> tuple[np.ndarray, float]:
-        """The whole scene shrunk to fit ``max_side`` (never enlarged), and the scale applied.
-
-        A large raster is decimated by GDAL block by block (its overviews when it has some).
-        """
-        oh, ow = self._reduced_shape(max_side)
-        if self._full is not None:
-            img = self._full if (oh, ow) == self._full.shape[:2] else \
-                cv2.resize(self._full, (ow, oh), interpolation=cv2.INTER_AREA)
-        else:
-            img = self._rio_read(None, out_shape=(oh, ow))
-        return img, ow / self.width
-
-    def close(self) -> None:
-        """Close the raster and leave the GDAL environment."""
-        if self._ds is not None:
-            self._ds.close()
-            self._ds = None
-        if self._env is not None:
-            self._env.__exit__(None, None, None)
-            self._env = None
-
-    def __enter__(self) -> SceneReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
