@@ -37,6 +37,7 @@ from rsdet_compress.search.runner import SearchConfig, search
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+ROW_CACHE = REPO / "runs" / "bench" / "search_rows.jsonl"  # finished rows, so a stopped benchmark resumes per search
 AGENTS = ("ajpq", "abcp", "two-stage", "random")
 
 
@@ -52,7 +53,16 @@ def run(model: str, budget: str, episodes: int, data_yaml: Path, args) -> list[d
     evaluator = Evaluator(EvalSet.from_coco(data.split_coco("test"), data.split_images("test"), ws.view.imgsz))
     ref, b = estimate(ws.view), Budget.parse([budget])
     rows = []
+    key = {"episodes": episodes, "seed": args.seed, "calib_images": args.calib_images,
+           "reward_images": args.reward_images}
+    cached = _cached_rows()
     for agent in AGENTS:
+        hit = next((r for r in cached if (r["model"], r["budget"], r["agent"]) == (model, budget, agent)
+                    and all(r.get(k) == v for k, v in key.items())), None)
+        if hit is not None:
+            rows.append({k: v for k, v in hit.items() if k not in key})
+            print(f"cached: {rows[-1]}", flush=True)
+            continue
         cfg = SearchConfig(weights=str(weights), data=str(data_yaml), agent=agent, budget=[budget], episodes=episodes,
                            seed=args.seed, calib_images=args.calib_images, reward_images=args.reward_images,
                            experiment="rsdet-compress-bench")
@@ -67,6 +77,9 @@ def run(model: str, budget: str, episodes: int, data_yaml: Path, args) -> list[d
                      "x_fewer_flops": m.get("flops_ratio"), "candidates": len(r.candidates),
                      "wall_min": round(wall / 60, 1), "eval_ratio": r.eval_ratio, "run_id": r.run_id})
         print(rows[-1], flush=True)
+        ROW_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        with ROW_CACHE.open("a") as f:
+            f.write(json.dumps({**rows[-1], **key}) + "\n")
     pol = uniform_bits(ws.view, 4, 8)
     cost = estimate(ws.view, pol)
     test = _test_score(ws, pol, data_yaml, evaluator, args.calib_images)
@@ -77,6 +90,13 @@ def run(model: str, budget: str, episodes: int, data_yaml: Path, args) -> list[d
                  "x_fewer_bops": rat["bops"], "x_fewer_flops": rat["flops"], "candidates": 1, "wall_min": None,
                  "eval_ratio": None, "run_id": None})
     return rows
+
+
+def _cached_rows() -> list[dict]:
+    """Rows of searches already finished by an earlier (stopped) run of this benchmark."""
+    if not ROW_CACHE.is_file():
+        return []
+    return [json.loads(line) for line in ROW_CACHE.read_text().splitlines() if line.strip()]
 
 
 def _markdown(rows: list[dict], commands: list[str]) -> str:

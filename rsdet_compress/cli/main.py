@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from rsdet_compress.cli.benchmark_cli import add_benchmark, run_benchmark
 from rsdet_compress.cli.export_cli import add_export, run_export
 from rsdet_compress.cli.finetune_cli import add_finetune, run_finetune
 from rsdet_compress.cli.search_cli import add_compare, add_search, run_compare, run_search
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune(sub)
     add_compare(sub)
     add_export(sub)
+    add_benchmark(sub)
     return parser
 
 
@@ -239,7 +241,7 @@ def _run_models(args) -> None:
 
 COMMANDS = {"data": _run_prepare, "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
             "policy": _run_policy, "compress": _run_compress, "search": run_search, "compare": run_compare,
-            "export": run_export, "finetune": run_finetune,
+            "export": run_export, "finetune": run_finetune, "benchmark": run_benchmark,
             "models": _run_models}
 
 

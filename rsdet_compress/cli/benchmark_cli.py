@@ -1,0 +1,79 @@
+"""``rsdet-compress benchmark``: measured latency and throughput, baseline vs compressed, logged to MLflow."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from rsdet_compress.errors import UserError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="latency (median/p90) and throughput on PyTorch and onnxruntime, "
+                                         "CPU and CUDA; the first model is the baseline")
+    p.add_argument("--weights", nargs="+", default=[], help="checkpoints / packed files run on PyTorch "
+                   "(first = baseline)")
+    p.add_argument("--onnx", nargs="+", default=[], help="ONNX files run on onnxruntime (first = the fp32 "
+                   "reference for 'vs fp32 ONNX')")
+    p.add_argument("--batch", type=_ints, default=(1, 8), help="batch sizes, e.g. 1,8")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per row")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    p.add_argument("--imgsz", type=int, help="input side (default: each model's own)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("--device", default="cpu,cuda", help="cpu, cuda or both; cuda rows only where a GPU is")
+    p.add_argument("--out", help="also write the rows as JSON here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-track", dest="track", action="store_false", help="do not log to MLflow")
+
+
+def run_benchmark(args: argparse.Namespace) -> None:
+    from rsdet_compress.engine.latency import LatencyConfig, benchmark, format_rows, machine
+    from rsdet_compress.tracking.mlflow_tracker import Tracker
+    artifacts = [*args.weights, *args.onnx]
+    if not artifacts:
+        raise UserError("give at least one model: --weights FILE... and/or --onnx FILE...")
+    bad = [a for a in args.onnx if not a.lower().endswith(".onnx")]
+    if bad:
+        raise UserError(f"{bad[0]}: --onnx takes .onnx files")
+    devices = tuple(d.strip() for d in args.device.split(",") if d.strip())
+    if not devices or any(d not in ("cpu", "cuda") for d in devices):
+        raise UserError(f"--device must be cpu, cuda or cpu,cuda, got {args.device!r}")
+    cfg = LatencyConfig(batches=args.batch, runs=args.runs, warmup=args.warmup, imgsz=args.imgsz,
+                        threads=args.threads, devices=devices)
+    for a in artifacts:  # every file checked before any timing starts
+        if not Path(a).is_file():
+            raise UserError(f"{a}: model file not found")
+    rows = benchmark(artifacts, cfg)
+    info = machine(cfg.threads)
+    result = {"machine": info, "config": asdict(cfg), "rows": [asdict(r) for r in rows]}
+    tracker = Tracker(enabled=args.track)
+    with tracker.run("benchmark", params={"models": ", ".join(Path(a).name for a in artifacts), **info,
+                                          "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup},
+                     tags={"stage": "benchmark"}):
+        index = {str(Path(a)): i for i, a in enumerate(artifacts)}  # two files may share a name (best.pt)
+        for r in rows:
+            key = f"m{index[r.artifact]}_{Path(r.artifact).stem}.{r.backend}.{r.device}.b{r.batch}"
+            tracker.log_metrics({f"{key}.median_ms": r.median_ms, f"{key}.p90_ms": r.p90_ms,
+                                 f"{key}.img_per_s": r.throughput, f"{key}.speedup": r.speedup,
+                                 f"{key}.speedup_vs_fp32_onnx": r.speedup_vs_fp32_onnx})
+        tracker.log_dict(result, "latency.json")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(format_rows(rows))
+    print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}, onnxruntime {info['onnxruntime']}"
+          + (f", {info['gpu']}" if "gpu" in info else "") + f"; {cfg.runs} runs after {cfg.warmup} warm-up")

@@ -1,0 +1,206 @@
+"""Measured speed: latency and throughput of our artifacts on PyTorch and onnxruntime, CPU and CUDA.
+
+A row is one (artifact, backend, device, batch): warm-up runs first (allocator,
+oneDNN/ORT kernel selection and CUDA context are not part of a deployment's
+steady state), then ``runs`` timed forward passes of a fixed random batch,
+reported as median and p90 milliseconds and images per second at the median.
+The first artifact is the baseline: every other row gets its speed-up against
+the baseline's row on the same backend, device and batch, and against the
+baseline's fp32 ONNX on CPU (the issue's deployment target).
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rsdet_compress.errors import UserError
+
+
+@dataclass
+class LatencyConfig:
+    """How a latency measurement is taken."""
+
+    batches: tuple[int, ...] = (1, 8)  # 1 = a drone's frame-by-frame loop; 8 = tiles of a scene in one pass
+    runs: int = 30                     # timed passes per row: p90 of 30 is stable to a few % on an idle CPU
+    warmup: int = 5                    # untimed passes: kernel selection, allocator, CUDA context
+    imgsz: int | None = None           # input side; None = the artifact's own (its training size)
+    threads: int | None = None         # CPU threads for both backends; None = torch's default (all cores)
+    devices: tuple[str, ...] = ("cpu", "cuda")  # cuda rows appear only where a GPU (or ORT CUDA provider) is
+    seed: int = 0                      # the random input batch
+
+
+@dataclass
+class LatencyRow:
+    """One measurement: artifact x backend x device x batch."""
+
+    artifact: str
+    backend: str
+    device: str
+    batch: int
+    imgsz: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    throughput: float                  # images / s at the median latency
+    size_bytes: int
+    speedup: float | None = None       # vs the baseline artifact, same backend/device/batch
+    speedup_vs_fp32_onnx: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def time_fn(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Wall milliseconds of ``runs`` calls of ``fn`` after ``warmup`` untimed ones (``sync`` waits for the GPU)."""
+    if runs < 1 or warmup < 0:
+        raise UserError(f"latency needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize(times_ms: list[float], batch: int) -> dict:
+    """Median, p90 (nearest rank), mean and images/s of one row's timings."""
+    s = sorted(times_ms)
+    p90 = s[min(len(s) - 1, max(0, -(-9 * len(s) // 10) - 1))]
+    med = statistics.median(s)
+    return {"median_ms": med, "p90_ms": p90, "mean_ms": statistics.fmean(s), "throughput": batch * 1e3 / med}
+
+
+def _torch_devices(devices: tuple[str, ...]) -> list[str]:
+    return [d for d in devices if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
+
+
+def _ort_providers(devices: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    import onnxruntime as ort
+    have = ort.get_available_providers()
+    out = [("cpu", ["CPUExecutionProvider"])] if "cpu" in devices else []
+    if "cuda" in devices and "CUDAExecutionProvider" in have and torch.cuda.is_available():
+        out.append(("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    return out
+
+
+def _imgsz(meta: dict, cfg: LatencyConfig) -> int:
+    size = cfg.imgsz or meta.get("imgsz") or (meta.get("policy") or {}).get("imgsz") or 640
+    return int(size)
+
+
+def _measure_torch(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
+    from rsdet_compress.export.runtime import load_model
+    model, meta = load_model(path)
+    imgsz = _imgsz(meta, cfg)
+    rows = []
+    for device in _torch_devices(cfg.devices):
+        m = model.to(device).eval()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        for b in cfg.batches:
+            x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+            with torch.inference_mode():
+                t = time_fn(lambda: m(x), cfg.runs, cfg.warmup, sync)
+            rows.append(LatencyRow(str(path), "pytorch", device, b, imgsz, size_bytes=path.stat().st_size,
+                                   extra={"compressed": bool(meta.get("compressed"))}, **summarize(t, b)))
+        model.to("cpu")
+    return rows
+
+
+def _measure_onnx(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
+    from rsdet_compress.export.runtime import OnnxDetector
+    rows = []
+    for device, providers in _ort_providers(cfg.devices):
+        det = OnnxDetector(path, threads=cfg.threads, providers=providers)
+        imgsz = _imgsz(det.meta, cfg)
+        for b in cfg.batches:
+            x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+            feed = {det.input_name: x}
+            t = time_fn(lambda: det.session.run(None, feed), cfg.runs, cfg.warmup)
+            rows.append(LatencyRow(str(path), "onnxruntime", device, b, imgsz, size_bytes=path.stat().st_size,
+                                   extra={"precision": det.meta.get("precision")}, **summarize(t, b)))
+        del det
+    return rows
+
+
+def measure(path: str | Path, cfg: LatencyConfig | None = None) -> list[LatencyRow]:
+    """Rows for one artifact: ``.onnx`` on onnxruntime, anything else (checkpoint, packed) on PyTorch."""
+    cfg = cfg or LatencyConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found")
+    bad = [b for b in cfg.batches if b < 1]
+    if bad or not cfg.batches:
+        raise UserError(f"batch sizes must be >= 1, got {list(cfg.batches)}")
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _measure_onnx(path, cfg) if path.suffix.lower() == ".onnx" else _measure_torch(path, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def benchmark(artifacts: list[str | Path], cfg: LatencyConfig | None = None) -> list[LatencyRow]:
+    """Measure every artifact; the first one is the baseline the speed-ups are taken against."""
+    if not artifacts:
+        raise UserError("benchmark needs at least one model file")
+    cfg = cfg or LatencyConfig()
+    rows = [r for a in artifacts for r in measure(a, cfg)]
+    base_path = str(Path(artifacts[0]))
+    base = {(r.backend, r.device, r.batch): r.median_ms for r in rows if r.artifact == base_path}
+    fp32 = {(r.device, r.batch): r.median_ms for r in rows
+            if r.backend == "onnxruntime" and r.extra.get("precision") == "fp32"
+            and Path(r.artifact).stem == _first_onnx_stem(artifacts)}
+    for r in rows:
+        ref = base.get((r.backend, r.device, r.batch))
+        r.speedup = ref / r.median_ms if ref else None
+        ref = fp32.get((r.device, r.batch))
+        r.speedup_vs_fp32_onnx = ref / r.median_ms if ref else None
+    return rows
+
+
+def _first_onnx_stem(artifacts: list[str | Path]) -> str | None:
+    """The reference fp32 ONNX: the first ``.onnx`` given (by convention the uncompressed model's)."""
+    return next((Path(a).stem for a in artifacts if str(a).lower().endswith(".onnx")), None)
+
+
+def machine(threads: int | None = None) -> dict:
+    """What the numbers were measured on (they only compare within one machine)."""
+    import os
+
+    import onnxruntime as ort
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": threads or torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def format_rows(rows: list[LatencyRow]) -> str:
+    """A fixed-width table: one line per row."""
+    head = (f"{'artifact':32} {'backend':11} {'dev':4} {'batch':>5} {'px':>4} {'median ms':>10} {'p90 ms':>9} "
+            f"{'img/s':>8} {'MB':>7} {'speed-up':>8} {'vs fp32 ONNX':>12}")
+    lines = [head]
+    for r in rows:
+        su = f"{r.speedup:.2f}x" if r.speedup else "-"
+        so = f"{r.speedup_vs_fp32_onnx:.2f}x" if r.speedup_vs_fp32_onnx else "-"
+        lines.append(f"{Path(r.artifact).name[:32]:32} {r.backend:11} {r.device:4} {r.batch:5d} {r.imgsz:4d} "
+                     f"{r.median_ms:10.2f} {r.p90_ms:9.2f} {r.throughput:8.1f} {r.size_bytes / 1e6:7.2f} "
+                     f"{su:>8} {so:>12}")
+    return "\n".join(lines)
