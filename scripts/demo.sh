@@ -22,8 +22,9 @@ $RS evaluate --weights $D/yolov8n/weights/best.pt --data $DATA --split test --js
 step "3/8 AJPQ search: joint pruning + mixed precision, mAP50 reward on training chips"
 $RS search --weights $D/yolov8n/weights/best.pt --data $DATA --agent ajpq --budget size=0.125 \
     --budget flops=0.6 --episodes 16 --reward-images 64 --out $D/policy.json --quiet
-step "4/8 compress with the best policy (calibrated on training chips)"
-$RS compress --weights $D/yolov8n/weights/best.pt --policy $D/policy.json --out $D/compressed.pt --data $DATA
+step "4/8 compress with the best policy: channels rounded to multiples of 8, calibrated on training chips"
+$RS compress --weights $D/yolov8n/weights/best.pt --policy $D/policy.json --out $D/compressed.pt --data $DATA \
+    --round8
 $RS evaluate --weights $D/compressed.pt --data $DATA --split test --json --no-track > $D/eval_compressed.json
 step "5/8 quantization-aware fine-tune, distilled from the float model"
 $RS finetune --config configs/demo-finetune.yaml
@@ -31,7 +32,7 @@ $RS evaluate --weights $D/finetuned/weights/best.pt --data $DATA --split test --
 step "6/8 export: fp32 ONNX of the float model; int8 ONNX + packed file of the fine-tuned one (mAP-checked)"
 $RS export --weights $D/yolov8n/weights/best.pt --format onnx --out $D/export/fp32.onnx --split test --json \
     > $D/export_fp32.json
-$RS export --weights $D/finetuned/weights/best.pt --format onnx-int8 --round8 --out $D/export/compressed.int8.onnx \
+$RS export --weights $D/finetuned/weights/best.pt --format onnx-int8 --out $D/export/compressed.int8.onnx \
     --split test --json > $D/export_int8.json
 $RS export --weights $D/finetuned/weights/best.pt --format packed --out $D/export/compressed.packed \
     --split test --json > $D/export_packed.json

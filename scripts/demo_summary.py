@@ -41,7 +41,7 @@ def main(folder: str = "runs/demo") -> int:
     print(f"{'':28}{'mAP50':>8}{'mAP50-95':>10}")
     for label, r in (("float (fp32)", fp32), ("AJPQ policy, calibrated", comp), ("after QAT fine-tune", ft)):
         print(f"{label:28}{r['map50']:8.4f}{r['map50_95']:10.4f}")
-    print(f"{'int8 ONNX (round8)':28}{int8['map50']:8.4f}{int8['map50_95']:10.4f}")
+    print(f"{'int8 ONNX':28}{int8['map50']:8.4f}{int8['map50_95']:10.4f}")
     print(f"policy: {ratios['size']:.1f}x smaller weights, {ratios['bops']:.1f}x fewer BOPs, "
           f"{ratios['flops']:.2f}x fewer FLOPs (cost model)")
     print(f"files: float .pt {float_pt / 1e6:.2f} MB | fp32 ONNX {onnx['bytes'] / 1e6:.2f} MB | "

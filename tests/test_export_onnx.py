@@ -20,7 +20,7 @@ from rsdet_compress.compress.calibration import calibration_set
 from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.compress.quant import QConv2d
-from rsdet_compress.detectors.registry import load_detector
+from rsdet_compress.detectors.registry import load_detector, save_detector
 from rsdet_compress.errors import UserError
 from rsdet_compress.export import exporter
 from rsdet_compress.export.exporter import INT8_TOLERANCE, ONNX_TOLERANCE, export
@@ -145,6 +145,35 @@ def test_round8_rounds_kept_channels(compressed, small_airbus, tmp_path):
     proto = onnx.load(r["path"])
     assert _conv_shapes(proto) == Counter(tuple(m.weight.shape) for m in rounded.modules()
                                           if isinstance(m, nn.Conv2d))
+
+
+def test_compress_round8_gives_the_structure_export_round8_gives(compressed, trained_yolov8n, small_airbus,
+                                                                 tmp_path, capsys):
+    """Rounding before fine-tuning (compress --round8) = the structure export --round8 makes afterwards."""
+    policy = tmp_path / "p.json"
+    load_detector(compressed)[0].policy.save(policy)
+    out = tmp_path / "c8.pt"
+    assert main(["compress", "--weights", str(trained_yolov8n), "--policy", str(policy), "--out", str(out),
+                 "--data", str(small_airbus), "--calib-images", "8", "--round8"]) == 0
+    assert "round8: " in capsys.readouterr().out
+    model, meta = load_detector(out)
+    assert meta["round8"]["channels_added"] > 0
+    ws = Workspace.from_weights(trained_yolov8n)
+    for name, spec in model.policy.groups.items():
+        n, size = len(spec["keep_idx"]), ws.view.groups[name].size
+        assert n % 8 == 0 or n == size, name
+    ref, _ = exporter.round_channels(*load_detector(compressed), calib=None)
+    assert {k: v["keep_idx"] for k, v in ref.policy.groups.items()} == \
+        {k: v["keep_idx"] for k, v in model.policy.groups.items()}
+
+
+def test_export_round8_refuses_a_finetuned_checkpoint(compressed, small_airbus, tmp_path):
+    model, meta = load_detector(compressed)
+    tuned = save_detector(model, tmp_path / "tuned.pt", {**{k: v for k, v in meta.items() if k not in (
+        "detector", "num_classes", "names", "compressed")}, "finetuned_from": str(compressed)})
+    with pytest.raises(UserError, match="would drop this checkpoint's fine-tuning"):
+        export(tuned, "onnx", out=tmp_path / "t.onnx", data=small_airbus, round8=True)
+    assert not (tmp_path / "t.onnx").exists()
 
 
 def test_failed_check_leaves_no_complete_artifact(trained_yolov8n, small_airbus, tmp_path, monkeypatch):

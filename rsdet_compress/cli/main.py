@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--data", help="dataset YAML: calibrate BN and activation ranges on training chips")
     p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--round8", action="store_true",
+                   help="round kept channel counts up to multiples of 8 (int8 kernel granularity) before applying")
     sub.add_parser("models", help="list registered detectors")
     add_search(sub)
     add_finetune(sub)
@@ -169,9 +171,12 @@ def _run_policy(args) -> None:
 def _run_compress(args) -> None:
     from rsdet_compress.compress.compressor import compress
     from rsdet_compress.compress.cost import estimate, format_cost
-    r = compress(args.weights, args.policy, args.out, data=args.data, calib_images=args.calib_images)
+    r = compress(args.weights, args.policy, args.out, data=args.data, calib_images=args.calib_images,
+                 round8=args.round8)
     view = r["workspace"].view
     print(format_cost(estimate(view, r["policy"]), estimate(view)))
+    if r["round8"]:
+        print(f"round8: {r['round8']['channels_added']} channels added in {r['round8']['groups_changed']} groups")
     print(f"wrote {args.out}" + ("" if args.data else "  (not calibrated: pass --data to calibrate BN and activations)"))
 
 

@@ -83,20 +83,27 @@ class Workspace:
 
 
 def compress(weights: str | Path, policy: str | Path | Policy, out: str | Path, data: str | Path | None = None,
-             calib_images: int = 64) -> dict:
+             calib_images: int = 64, round8: bool = False) -> dict:
     """Write the compressed checkpoint ``out`` for ``weights`` under ``policy``.
 
     With ``data`` (dataset YAML), BN statistics and activation ranges are
     calibrated on ``calib_images`` training chips; without it activations
-    stay unquantized until calibrated (a warning says so).
+    stay unquantized until calibrated (a warning says so). ``round8`` rounds
+    kept channel counts up to multiples of 8 first (see ``compress.rounding``),
+    so a later fine-tune trains the structure that gets deployed.
     """
     ws = Workspace.from_weights(weights)
     pol = policy if isinstance(policy, Policy) else Policy.load(policy)
     calib = calibration_set(str(data), ws.view.imgsz, calib_images) if data else None
     ws.grad_set = calib
     resolved = ws.resolve(pol, source=str(policy) if not isinstance(policy, Policy) else "policy")
+    rounding = None
+    if round8:
+        from rsdet_compress.compress.rounding import round_policy
+        resolved, rounding = round_policy(ws, resolved)
     model = ws.apply(resolved, calib, share_weights=False)
     meta = {**{k: v for k, v in ws.meta.items() if k not in ("detector", "num_classes", "names", "compressed")},
-            "float_weights": str(weights), "float_fingerprint": ws.weights_fp, "calibrated": calib is not None}
+            "float_weights": str(weights), "float_fingerprint": ws.weights_fp, "calibrated": calib is not None,
+            **({"round8": rounding} if rounding else {})}
     save_detector(model, out, meta)
-    return {"out": str(out), "policy": resolved, "model": model, "workspace": ws}
+    return {"out": str(out), "policy": resolved, "model": model, "workspace": ws, "round8": rounding}

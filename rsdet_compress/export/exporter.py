@@ -26,16 +26,14 @@ as much as a 64-channel one there.
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from rsdet_compress.compress.rounding import CHANNEL_MULTIPLE, round_policy
 from rsdet_compress.errors import UserError
 from rsdet_compress.export.onnx import DEFAULT_OPSET, export_module, quantize_int8
 
@@ -64,8 +62,6 @@ ONNX_QDQ_TOLERANCE = 0.01
 #: packed file: reloads bit-exactly (same fake-quantized model), so the mAP must be identical.
 PACKED_TOLERANCE = 1e-9
 TOLERANCES = {"onnx": ONNX_TOLERANCE, "onnx-int8": INT8_TOLERANCE, "packed": PACKED_TOLERANCE}
-#: channel multiple of ``round8``
-CHANNEL_MULTIPLE = 8
 
 _REFERENCE_CACHE: dict[tuple, dict] = {}
 
@@ -127,22 +123,21 @@ def _quantizes_activations(model: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------ round8
-def _common_bits(bits: list[int]) -> int:
-    counts = Counter(bits)
-    return max(counts, key=lambda b: (counts[b], b))
-
-
 def round_channels(model: nn.Module, meta: dict, calib, multiple: int = CHANNEL_MULTIPLE) -> tuple[nn.Module, dict]:
     """Compressed ``model`` with every pruned group's kept count rounded up to ``multiple`` (see module doc).
 
     Returns the recalibrated model and ``{"groups_changed", "channels_added"}``; a model
-    whose groups are all multiples already (or a float model) comes back unchanged.
+    whose groups are all multiples already (or a float model) comes back unchanged. A
+    fine-tuned checkpoint is refused: the rounded model is rebuilt from the float
+    weights, which would silently drop the fine-tuning (round at ``compress --round8``).
     """
     from rsdet_compress.compress.compressor import Workspace
-    from rsdet_compress.compress.policy import Policy
     policy = getattr(model, "policy", None)
     if policy is None:
         return model, {"groups_changed": 0, "channels_added": 0}
+    if meta.get("finetuned_from"):
+        raise UserError("round8 rebuilds the model from its float weights and would drop this checkpoint's "
+                        "fine-tuning: round before fine-tuning (`compress --round8`), or export without --round8")
     src = Path(str(meta.get("float_weights") or ""))
     if not src.is_file():
         raise UserError(f"round8 re-ranks channels on the float weights the checkpoint was compressed from: "
@@ -151,34 +146,9 @@ def round_channels(model: nn.Module, meta: dict, calib, multiple: int = CHANNEL_
     if meta.get("float_fingerprint") and ws.weights_fp != meta["float_fingerprint"]:
         raise UserError(f"{src}: not the float weights this checkpoint was compressed from (fingerprint differs)")
     ws.grad_set = calib
-    groups, layers, added, changed = {}, {k: dict(v) for k, v in policy.layers.items()}, 0, 0
-    scores = None
-    for name, spec in policy.groups.items():
-        keep = sorted(spec["keep_idx"])
-        size = ws.view.groups[name].size
-        target = min(size, math.ceil(len(keep) / multiple) * multiple)
-        if target > len(keep):
-            scores = ws.scores(policy.criterion) if scores is None else scores
-            order = torch.argsort(scores[name], descending=True, stable=True).tolist()
-            kept = set(keep)
-            extra = [i for i in order if i not in kept][:target - len(keep)]
-            new = sorted(keep + extra)
-            for lname in ws.view.groups[name].layers:  # per-channel bit lists follow the kept channels
-                bits = layers.get(lname, {}).get("weight_bits")
-                if isinstance(bits, list):
-                    if len(bits) != len(keep):
-                        raise UserError(f"round8: layer {lname}: {len(bits)} bit-widths for {len(keep)} kept channels")
-                    old, fill = dict(zip(keep, bits)), _common_bits(bits)
-                    layers[lname]["weight_bits"] = [old.get(i, fill) for i in new]
-            groups[name] = {"keep_idx": new}
-            added, changed = added + len(extra), changed + 1
-        else:
-            groups[name] = {"keep_idx": keep}
-    info = {"groups_changed": changed, "channels_added": added}
-    if not changed:
+    resolved, info = round_policy(ws, policy, multiple)
+    if not info["groups_changed"]:
         return model, info
-    rounded = Policy.from_dict({**policy.to_dict(), "groups": groups, "layers": layers}, source="round8 policy")
-    resolved = ws.resolve(rounded, source="round8 policy")
     return ws.apply(resolved, calib, share_weights=False), info
 
 
