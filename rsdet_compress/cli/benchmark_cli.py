@@ -6,14 +6,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from rsdet_compress.cli import comma_list
 from rsdet_compress.errors import UserError
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_benchmark(sub) -> None:
@@ -23,7 +17,7 @@ def add_benchmark(sub) -> None:
                    "(first = baseline)")
     p.add_argument("--onnx", nargs="+", default=[], help="ONNX files run on onnxruntime (first = the fp32 "
                    "reference for 'vs fp32 ONNX')")
-    p.add_argument("--batch", type=_ints, default=(1, 8), help="batch sizes, e.g. 1,8")
+    p.add_argument("--batch", type=comma_list(int, "integers"), default=(1, 8), help="batch sizes, e.g. 1,8")
     p.add_argument("--runs", type=int, default=30, help="timed runs per row")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
     p.add_argument("--imgsz", type=int, help="input side (default: each model's own)")

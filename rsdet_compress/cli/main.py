@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from rsdet_compress.cli import comma_list
 from rsdet_compress.cli.benchmark_cli import add_benchmark, run_benchmark
 from rsdet_compress.cli.export_cli import add_export, run_export
 from rsdet_compress.cli.finetune_cli import add_finetune, run_finetune
@@ -16,13 +17,6 @@ from rsdet_compress.cli.search_cli import add_compare, add_search, run_compare, 
 from rsdet_compress.errors import UserError
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _add_prepare(sub) -> None:
@@ -35,7 +29,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--overlap", type=float)
     p.add_argument("--rescale", type=float)
     p.add_argument("--min-visibility", type=float)
-    p.add_argument("--split", type=_floats, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
+    p.add_argument("--split", type=comma_list(float, "numbers"), help="train,val,test fractions, e.g. 0.8,0.1,0.1")
     p.add_argument("--seed", type=int)
     p.add_argument("--keep-empty", type=float, help="fraction of box-free train chips kept")
     p.add_argument("--classes", help="file with one class name per line (fixes the class order)")
