@@ -154,22 +154,14 @@ def benchmark(artifacts: list[str | Path], cfg: LatencyConfig | None = None) -> 
         raise UserError("benchmark needs at least one model file")
     cfg = cfg or LatencyConfig()
     rows = [r for a in artifacts for r in measure(a, cfg)]
-    base_path = str(Path(artifacts[0]))
-    base = {(r.backend, r.device, r.batch): r.median_ms for r in rows if r.artifact == base_path}
-    fp32 = {(r.device, r.batch): r.median_ms for r in rows
-            if r.backend == "onnxruntime" and r.extra.get("precision") == "fp32"
-            and Path(r.artifact).stem == _first_onnx_stem(artifacts)}
+    first_onnx = next((str(Path(a)) for a in artifacts if str(a).lower().endswith(".onnx")), None)
+    ref = {(r.artifact, r.backend, r.device, r.batch): r.median_ms for r in rows}
     for r in rows:
-        ref = base.get((r.backend, r.device, r.batch))
-        r.speedup = ref / r.median_ms if ref else None
-        ref = fp32.get((r.device, r.batch))
-        r.speedup_vs_fp32_onnx = ref / r.median_ms if ref else None
+        base = ref.get((str(Path(artifacts[0])), r.backend, r.device, r.batch))
+        fp32 = ref.get((first_onnx, "onnxruntime", r.device, r.batch))
+        r.speedup = base / r.median_ms if base else None
+        r.speedup_vs_fp32_onnx = fp32 / r.median_ms if fp32 else None
     return rows
-
-
-def _first_onnx_stem(artifacts: list[str | Path]) -> str | None:
-    """The reference fp32 ONNX: the first ``.onnx`` given (by convention the uncompressed model's)."""
-    return next((Path(a).stem for a in artifacts if str(a).lower().endswith(".onnx")), None)
 
 
 def machine(threads: int | None = None) -> dict:

@@ -14,15 +14,11 @@ exceeds the format's tolerance the artifact is renamed to ``<name>.failed`` (so
 nothing at the requested path looks complete) and a :class:`UserError` says by
 how much.
 
-``round8`` rounds every pruned channel group of a compressed checkpoint up to
-a multiple of 8 kept channels (never beyond the group's float size), re-adding
-the next most important channels by the policy's own criterion, ranked on the
-float weights it was compressed from; added channels get the layer's most
-common bit-width. The rounded model is re-applied and recalibrated on the same
-training chips (as ``compress`` does), saved beside the artifact as
-``<stem>.round8.pt``, and becomes the PyTorch reference of the check. 8 is the
-channel granularity of int8 SIMD/tensor-core kernels: a 61-channel conv costs
-as much as a 64-channel one there.
+``round8`` rounds a compressed checkpoint's kept channel counts up to multiples
+of 8 (:mod:`rsdet_compress.compress.rounding`), re-applies and recalibrates it,
+saves it beside the artifact as ``<stem>.round8.pt`` and makes it the PyTorch
+reference of the check. Fine-tuned checkpoints are refused: round them at
+``compress --round8``, before fine-tuning.
 """
 from __future__ import annotations
 
