@@ -185,3 +185,30 @@ def test_fingerprint_tracks_weights():
     with torch.no_grad():
         next(b.parameters()).add_(1e-3)
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_round8_keeps_per_channel_bits_aligned(view):
+    """Every group pruned to a count that is not a multiple of 8, every layer with per-channel bits: after
+    round8 each kept count is a multiple of 8 (or the full group) and every bit list still matches its conv
+    (SkyNet's concat-fed groups are wider than the convs that own a slice of them)."""
+    from rsdet_compress.compress.compressor import Workspace
+    from rsdet_compress.compress.rounding import round_policy
+    ws = Workspace(view, {}, "", {})
+    groups = {name: {"keep": 0.61} for name, g in view.groups.items() if g.size >= 16}
+    resolved = resolve(Policy(detector=view.detector, groups=groups), view, ws.scores("l1"))
+    rng = random.Random(0)
+    layers = {name: {"weight_bits": [rng.choice([2, 4, 8]) for _ in range(view.kept(name, "out", resolved))]}
+              for name in view.quantizable}
+    policy = Policy.from_dict({**resolved.to_dict(), "layers": layers})
+    rounded, info = round_policy(ws, policy)
+    assert info["channels_added"] > 0
+    for name, spec in rounded.groups.items():
+        n = len(spec["keep_idx"])
+        assert n % 8 == 0 or n == view.groups[name].size, name
+    model = apply_policy(view, rounded)  # raises if a bit list does not match its conv
+    for name, spec in rounded.layers.items():
+        conv = model.get_submodule(name)
+        assert len(spec["weight_bits"]) == conv.out_channels, name
+        kept_before = layers[name]["weight_bits"]
+        assert set(spec["weight_bits"]) <= set(kept_before), name  # added channels take an existing width
+    assert model(torch.zeros(1, 3, IMGSZ, IMGSZ)) is not None

@@ -27,6 +27,31 @@ def _common_bits(bits: list[int]) -> int:
     return max(counts, key=lambda b: (counts[b], b))
 
 
+def _out_pairs(view, group: str, layer: str) -> list[tuple[int, int]]:
+    """(output channel of ``layer``, channel of ``group``) pairs, by output channel.
+
+    A layer whose output is one slice of a wider group (SkyNet: a conv
+    concatenated with a reorg before a depthwise conv) owns only some of the
+    group's channels, so its per-channel bit list is not indexed by group channel.
+    """
+    is_out = view.graph.is_out_channel_pruning_fn
+    pairs = {(int(i), int(r)) for mod, handler, ps in view.groups[group].plan
+             if mod == layer and is_out(handler) for i, r in ps}
+    return sorted(pairs)
+
+
+def _rebit(view, group: str, layer: str, bits: list[int], keep: set[int], new: set[int]) -> list[int]:
+    """``layer``'s per-channel bit list for group channels ``new`` instead of ``keep`` (added ones: the common width)."""
+    pairs = _out_pairs(view, group, layer) or [(r, r) for r in range(view.groups[group].size)]
+    if len(pairs) != view.layers[layer].out_channels:
+        raise UserError(f"round8: layer {layer}: output channels follow more than group {group}")
+    old = [i for i, r in pairs if r in keep]
+    if len(bits) != len(old):
+        raise UserError(f"round8: layer {layer}: {len(bits)} bit-widths for {len(old)} kept channels")
+    bit_of, fill = dict(zip(old, bits)), _common_bits(bits)
+    return [bit_of.get(i, fill) for i, r in pairs if r in new]
+
+
 def round_policy(ws, policy: Policy, multiple: int = CHANNEL_MULTIPLE) -> tuple[Policy, dict]:
     """A resolved ``policy`` (``keep_idx`` per group) with kept counts rounded up to ``multiple``.
 
@@ -53,10 +78,7 @@ def round_policy(ws, policy: Policy, multiple: int = CHANNEL_MULTIPLE) -> tuple[
         for lname in ws.view.groups[name].layers:  # per-channel bit lists follow the kept channels
             bits = layers.get(lname, {}).get("weight_bits")
             if isinstance(bits, list):
-                if len(bits) != len(keep):
-                    raise UserError(f"round8: layer {lname}: {len(bits)} bit-widths for {len(keep)} kept channels")
-                old, fill = dict(zip(keep, bits)), _common_bits(bits)
-                layers[lname]["weight_bits"] = [old.get(i, fill) for i in new]
+                layers[lname]["weight_bits"] = _rebit(ws.view, name, lname, bits, set(keep), set(new))
         groups[name] = {"keep_idx": new}
         added, changed = added + len(extra), changed + 1
     info = {"groups_changed": changed, "channels_added": added}
