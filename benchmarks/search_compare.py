@@ -136,9 +136,8 @@ def _row_key(row: dict) -> tuple:
 
 def _sorted(rows: list[dict]) -> list[dict]:
     order = {a: i for i, a in enumerate(AGENTS)}
-    return sorted(rows, key=lambda r: (r["model"], r["budget"] != "size=0.125", r["budget"], r.get("act_bits", 8),
-                                       r.get("seed") if r.get("seed") is not None else -1,
-                                       order.get(r["agent"], len(order))))
+    return sorted(rows, key=lambda r: (r["model"], r["budget"] != "size=0.125", r["budget"], r.get("act_bits") or 8,
+                                       r.get("seed") is None, r.get("seed") or 0, order.get(r["agent"], len(order))))
 
 
 def main() -> int:
