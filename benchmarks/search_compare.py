@@ -63,17 +63,15 @@ def run(model: str, budget: str, episodes: int, data_yaml: Path, args) -> list[d
                           device=args.device)
     ref, b = estimate(ws.view), Budget.parse([budget])
     rows = []
-    # act_bits 8 is the key of rows cached before --act-bits existed
     key = {"episodes": episodes, "seed": args.seed, "calib_images": args.calib_images,
            "reward_images": args.reward_images}
     cache = Path(args.row_cache)
     cached = _cached_rows(cache)
     for agent in args.agents.split(","):
-        hit = next((r for r in cached if (r["model"], r["budget"], r["agent"], r.get("act_bits", 8))
+        hit = next((r for r in map(_with_defaults, cached) if (r["model"], r["budget"], r["agent"], r["act_bits"])
                     == (model, budget, agent, args.act_bits) and all(r.get(k) == v for k, v in key.items())), None)
         if hit is not None:
-            rows.append({k: v for k, v in hit.items() if k not in key or k == "seed"})
-            rows[-1].setdefault("act_bits", 8)
+            rows.append(_with_defaults({k: v for k, v in hit.items() if k not in key or k == "seed"}))
             print(f"cached: {rows[-1]}", flush=True)
             continue
         cfg = SearchConfig(weights=str(weights), data=str(data_yaml), agent=agent, budget=[budget], episodes=episodes,
@@ -129,15 +127,20 @@ def _markdown(rows: list[dict], commands: list[str]) -> str:
     return f"# Search comparison: airbus-aircraft\n\n{table}\n\n{notes}\n\nCommands:\n{cmds}\n"
 
 
+def _with_defaults(row: dict) -> dict:
+    """Rows written before --act-bits/--seed existed: 8-bit activations, seed 0 (uniform rows have no seed)."""
+    return {"act_bits": 8, "seed": None if row["agent"].startswith("uniform") else 0, **row}
+
+
 def _row_key(row: dict) -> tuple:
     """A table row is replaced only by a row of the same model, budget, activation bits, seed and searcher."""
-    return row["model"], row["budget"], row.get("act_bits", 8), row.get("seed", 0), row["agent"]
+    return row["model"], row["budget"], row["act_bits"], row["seed"], row["agent"]
 
 
 def _sorted(rows: list[dict]) -> list[dict]:
     order = {a: i for i, a in enumerate(AGENTS)}
-    return sorted(rows, key=lambda r: (r["model"], r["budget"] != "size=0.125", r["budget"], r.get("act_bits") or 8,
-                                       r.get("seed") is None, r.get("seed") or 0, order.get(r["agent"], len(order))))
+    return sorted(rows, key=lambda r: (r["model"], r["budget"] != "size=0.125", r["budget"], r["act_bits"],
+                                       r["seed"] is None, r["seed"] or 0, order.get(r["agent"], len(order))))
 
 
 def main() -> int:
@@ -155,13 +158,12 @@ def main() -> int:
     ap.add_argument("--row-cache", default=str(ROW_CACHE), help="finished searches, one JSON row per line")
     ap.add_argument("--append", action="store_true", help="add to the existing results (other models/budgets)")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     prep = load_config(REPO / "configs" / "airbus-prepare.yaml", PrepareConfig)
     data_yaml = Path(prep.out) / "data.yaml"
     old = json.loads((RESULTS / "search_compare.json").read_text()) if args.append and (
         RESULTS / "search_compare.json").is_file() else []
     rows, commands = [], [r for r in old if "command" in r]
-    old = [r for r in old if "command" not in r]
+    old = [_with_defaults(r) for r in old if "command" not in r]
     for model in args.models.split(","):
         for budget in args.budgets.split(","):
             rows += run(model, budget, args.episodes, data_yaml, args)
