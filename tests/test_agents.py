@@ -336,3 +336,27 @@ def test_make_agent_registry_and_errors():
         make_agent("ppo", STATE_DIM, 0, 0)
     with pytest.raises(UserError, match="unknown setting.*warmup"):
         make_agent("abcp", STATE_DIM, 4, 0, warmup=3)
+
+
+def test_ajpq_starts_near_low_sparsity_and_imitates_its_best_episode():
+    """Short searches: the layer controller starts at init_sparsity; after warm-up the actor moves towards the
+    best episode's applied actions (self-imitation), and faster with it than on the critic alone."""
+    env = BudgetEnv(*AJPQ_ENV)
+    fresh = ajpq(0, warmup_episodes=4)
+    s = env.reset([])
+    assert abs(fresh.greedy_action(s)[0] - 0.1) < 0.02
+    assert abs(ajpq(0, init_sparsity=0.5).greedy_action(s)[0] - 0.5) < 0.02
+
+    def gap(weight: float) -> tuple[float, float]:
+        agent = ajpq(0, warmup_episodes=4, elite_weight=weight)
+        rewards, _ = run(agent, env, 4)  # warm-up only: random episodes, no learning yet
+        best, states, actions = agent.elite
+        assert best == max(rewards) and states.shape == (8, STATE_DIM) and actions.shape == (8, 3)
+        d0 = np.abs(np.stack([agent.greedy_action(x) for x in states]) - actions).mean()
+        for _ in range(20):  # 160 gradient steps: what a 16-candidate search on SkyNet (~17 layers) gets in 10
+            agent.update_policy()
+        return d0, np.abs(np.stack([agent.greedy_action(x) for x in states]) - actions).mean()
+
+    d0, with_imitation = gap(1.0)
+    _, without = gap(0.0)
+    assert with_imitation < 0.6 * d0 and with_imitation < 0.8 * without
