@@ -160,13 +160,15 @@ def main() -> int:
     args = ap.parse_args()
     prep = load_config(REPO / "configs" / "airbus-prepare.yaml", PrepareConfig)
     data_yaml = Path(prep.out) / "data.yaml"
-    old = json.loads((RESULTS / "search_compare.json").read_text()) if args.append and (
-        RESULTS / "search_compare.json").is_file() else []
-    rows, commands = [], [r for r in old if "command" in r]
-    old = [_with_defaults(r) for r in old if "command" not in r]
+    rows = []
     for model in args.models.split(","):
         for budget in args.budgets.split(","):
             rows += run(model, budget, args.episodes, data_yaml, args)
+            # read the results now, not at start: another invocation (a second seed) may have written meanwhile
+            old = json.loads((RESULTS / "search_compare.json").read_text()) if args.append and (
+                RESULTS / "search_compare.json").is_file() else []
+            commands = [r for r in old if "command" in r]
+            old = [_with_defaults(r) for r in old if "command" not in r]
             done = {_row_key(r) for r in rows}
             table = [r for r in old if _row_key(r) not in done] + rows
             command = "python " + " ".join(["benchmarks/search_compare.py", *sys.argv[1:]])
