@@ -360,3 +360,19 @@ def test_ajpq_starts_near_low_sparsity_and_imitates_its_best_episode():
     d0, with_imitation = gap(1.0)
     _, without = gap(0.0)
     assert with_imitation < 0.6 * d0 and with_imitation < 0.8 * without
+
+
+def test_fitted_short_search_explores_near_the_low_sparsity_start():
+    """A 24-candidate search: 6 warm-up episodes, noise 0.2 -> 0.05; its first learning episode stays near 10%
+    sparsity (with AMC's 0.5 noise the truncated draws average ~39%: back to pruning every layer hard)."""
+    from rsdet_compress.search.agents.exploration import fitted
+
+    cfg = fitted("ajpq", 24)
+    assert cfg["warmup_episodes"] == 6 and cfg["sigma_init"] == 0.2
+    np.testing.assert_allclose(cfg["sigma_init"] * cfg["sigma_decay"] ** 18, 0.05)
+    assert fitted("ajpq", 600)["sigma_init"] == 0.5  # AMC/HAQ-length searches keep the broad noise
+    s = BudgetEnv(*AJPQ_ENV).reset([])
+    for sigma, lo, hi in ((cfg["sigma_init"], 0.15, 0.25), (0.5, 0.33, 0.45)):
+        agent = ajpq(0, **{**cfg, "sigma_init": sigma})
+        a0 = np.array([agent.select_action(s, 6)[0] for _ in range(400)])
+        assert lo < a0.mean() < hi
