@@ -10,6 +10,7 @@ import torch
 from rsdet_compress.errors import UserError
 from rsdet_compress.search.agents import AGENTS, ABCPAgent, AJPQAgent, DDPGConfig, PGConfig, make_agent
 from rsdet_compress.search.agents.ddpg import truncated_normal
+from rsdet_compress.search.agents.exploration import logit_normal
 from rsdet_compress.search.agents.replay import ReplayBuffer
 
 torch.set_num_threads(1)
@@ -364,7 +365,8 @@ def test_ajpq_starts_near_low_sparsity_and_imitates_its_best_episode():
 
 def test_fitted_short_search_explores_near_the_low_sparsity_start():
     """A 24-candidate search: 6 warm-up episodes, noise 0.2 -> 0.05; its first learning episode stays near 10%
-    sparsity (with AMC's 0.5 noise the truncated draws average ~39%: back to pruning every layer hard)."""
+    sparsity. AMC/HAQ's truncated normal drifts inward from the bound: ~20% at 0.2, ~39% at 0.5 (pruning every
+    layer hard again); logit-space noise keeps its median at the actor's 10%."""
     from rsdet_compress.search.agents.exploration import fitted
 
     cfg = fitted("ajpq", 24)
@@ -372,7 +374,41 @@ def test_fitted_short_search_explores_near_the_low_sparsity_start():
     np.testing.assert_allclose(cfg["sigma_init"] * cfg["sigma_decay"] ** 18, 0.05)
     assert fitted("ajpq", 600)["sigma_init"] == 0.5  # AMC/HAQ-length searches keep the broad noise
     s = BudgetEnv(*AJPQ_ENV).reset([])
-    for sigma, lo, hi in ((cfg["sigma_init"], 0.15, 0.25), (0.5, 0.33, 0.45)):
-        agent = ajpq(0, **{**cfg, "sigma_init": sigma})
+    for noise, sigma, lo, hi in (("logit", cfg["sigma_init"], 0.08, 0.14), ("truncated", cfg["sigma_init"], 0.15, 0.25),
+                                 ("truncated", 0.5, 0.33, 0.45)):
+        agent = ajpq(0, **{**cfg, "sigma_init": sigma, "noise": noise})
         a0 = np.array([agent.select_action(s, 6)[0] for _ in range(400)])
-        assert lo < a0.mean() < hi
+        assert lo < a0.mean() < hi, noise
+        if noise == "logit":
+            assert abs(np.median(a0) - agent.greedy_action(s)[0]) < 0.01
+
+
+def test_logit_noise_stays_inside_is_median_centred_and_can_share_a_direction():
+    rng = np.random.default_rng(0)
+    mu = np.array([0.5, 0.1, 0.999])
+    x = np.stack([logit_normal(mu, 0.2, rng) for _ in range(4000)])
+    assert x.min() > 0 and x.max() < 1
+    np.testing.assert_allclose(np.median(x, 0), mu, atol=0.01)
+    np.testing.assert_allclose(x[:, 0].std(), 0.2 * 0.97, atol=0.02)  # ~sigma near 0.5 (slightly less: the sigmoid)
+    # shared: per "episode" one draw moves every entry; the fraction of variance shared is the correlation
+    eps = [logit_normal(np.full(8, 0.5), 0.2, rng, rng.standard_normal(8)[:1].repeat(8), 0.5) for _ in range(2000)]
+    logits = np.log(np.stack(eps) / (1 - np.stack(eps)))
+    np.testing.assert_allclose(np.corrcoef(logits[:, 0], logits[:, 5])[0, 1], 0.5, atol=0.06)
+    assert (logit_normal(mu, 0.0, rng) == np.clip(mu, 1e-4, 1 - 1e-4)).all()
+
+
+def test_ajpq_shared_noise_is_drawn_per_learning_episode_and_resumed():
+    agent = ajpq(0, warmup_episodes=1, shared_noise=0.5)
+    env = BudgetEnv(*AJPQ_ENV)
+    run(agent, env, 1)
+    assert (agent.shared == 0).all()  # warm-up draws a strength, not shared noise
+    agent.select_blocks(1)
+    shared = agent.shared.copy()
+    assert (shared != 0).all()
+    twin = ajpq(0, warmup_episodes=1, shared_noise=0.5)
+    twin.load_state_dict(agent.state_dict())
+    np.testing.assert_array_equal(twin.shared, shared)
+    s = env.reset([])
+    np.testing.assert_array_equal(agent.select_action(s, 1), twin.select_action(s, 1))
+    with pytest.raises(ValueError, match="noise must be"):
+        ajpq(0, noise="gaussian")
