@@ -8,6 +8,8 @@ For each detector (trained baseline runs/baselines/<model>/weights/best.pt):
 2. AJPQ policy: a search under ``--budget`` (default 8x smaller weights and at most
    half the FLOPs: without a FLOPs term the agent spends the whole budget on bits and
    nothing gets faster), or ``--policy`` (the fp32 weights the policy was searched on).
+   Kept channel counts are multiples of ``--channel-multiple`` (8) inside the search, so
+   the budget holds for the deployed file (rounding after the search cost YOLOv8n ~16%).
 3. compress (calibrated) -> QAT fine-tune (``--finetune-epochs``, distilled from fp32)
    (channels rounded to multiples of 8 before fine-tuning) -> test mAP -> int8 ONNX and packed file.
 4. onnxruntime CPU latency, batch 1 and 8: fp32 ONNX vs int8 ONNX.
@@ -61,7 +63,7 @@ def _policy(model: str, weights: Path, data_yaml: Path, args, work: Path) -> Pat
     if not out.is_file():
         cfg = SearchConfig(weights=str(weights), data=str(data_yaml), agent="ajpq", budget=args.budget.split(","),
                            episodes=args.episodes, seed=args.seed, calib_images=16, reward_images=32,
-                           experiment="rsdet-compress-bench")
+                           channel_multiple=args.channel_multiple, experiment="rsdet-compress-bench")
         r = search(cfg, progress=False)
         if r.best_policy is None:
             raise SystemExit(f"error: {model}: no candidate met the budget {args.budget}")
@@ -74,7 +76,8 @@ def _settings(args) -> str:
     if args.policy:
         src = hashlib.sha1(Path(args.policy).read_bytes()).hexdigest()[:10]
         return f"policy-{src}"
-    return f"{args.budget.replace('=', '').replace(',', '_')}-ep{args.episodes}-s{args.seed}"
+    mult = f"-m{args.channel_multiple}" if args.channel_multiple != 1 else ""
+    return f"{args.budget.replace('=', '').replace(',', '_')}-ep{args.episodes}-s{args.seed}{mult}"
 
 
 def run(model: str, data_yaml: Path, args) -> list[dict]:
@@ -149,9 +152,10 @@ def _markdown(rows: list[dict], info: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="yolov8n,skynet")
-    # 0.115, not 0.125: channels rounded up to multiples of 8 and the packed file's header cost ~4% (a policy
-    # searched at 8.0x packed to 7.71x on YOLOv8n), and the target is on the file
-    ap.add_argument("--budget", default="size=0.115,flops=0.5", help="search budget, comma-separated")
+    # size 0.12, not 0.125: a 4% margin. With channels rounded in the search the cost model matches the packed
+    # file (YOLOv8n: policy 7.2762x, file 7.276x), but the 8x target is on the file, so leave room
+    ap.add_argument("--budget", default="size=0.12,flops=0.5", help="search budget, comma-separated")
+    ap.add_argument("--channel-multiple", type=int, default=8, help="kept channel counts rounded in the search")
     ap.add_argument("--episodes", type=int, default=24)
     ap.add_argument("--policy", help="use this policy instead of searching (one model only)")
     ap.add_argument("--finetune-epochs", type=int, default=4)

@@ -75,6 +75,22 @@ def test_policy_of_an_episode_is_valid_and_costed_exactly(view):
     assert cand.usage["size"] <= 0.125 and cand.ratios["size"] >= 8
 
 
+def test_channel_multiple_rounds_every_kept_count_and_the_budget_still_holds(view):
+    """With channel_multiple=8 the searched policy is the deployed one: every kept count is a multiple of 8 (or the
+    whole group when it is smaller), and the cost the budget checked is that rounded policy's."""
+    from rsdet_compress.compress.cost import estimate
+    env = _env(view, ["size=0.125"], EnvConfig(channel_multiple=8))
+    rng = np.random.default_rng(1)
+    _, _, cand = _run(env, lambda t: rng.random(3) * np.array([0.6, 1, 1]))
+    sizes = {g: view.groups[g].size for g in cand.policy.groups}
+    kept = {g: len(spec["keep_idx"]) for g, spec in cand.policy.groups.items()}
+    assert any(kept[g] < sizes[g] for g in kept), "some group must be pruned"
+    assert all(k % 8 == 0 or k == sizes[g] for g, k in kept.items()), kept
+    plain = _run(_env(view, ["size=0.125"]), lambda t: np.array([0.37, 0.5, 0.5]))[2].policy
+    assert any(len(spec["keep_idx"]) % 8 for spec in plain.groups.values()), "without the option: exact counts"
+    assert cand.meets_budget and estimate(view, cand.policy).weight_bits == cand.cost.weight_bits
+
+
 def test_skipped_blocks_leave_the_walk(view):
     if not view.blocks:
         pytest.skip(f"{view.detector} has no skippable blocks")

@@ -24,6 +24,8 @@ def add_search(sub) -> None:
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--reward-images", type=int, default=64)
     p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--channel-multiple", type=int, default=1,
+                   help="round kept channel counts up to a multiple of this in the search (8 for int8 CPU deploys)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default rsdet-compress)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a killed search (same parent MLflow run)")
     p.add_argument("--out", help="also write the best policy here")
@@ -49,7 +51,7 @@ def run_search(args: argparse.Namespace) -> None:
                            budget=args.budget or ["size=0.125"], episodes=args.episodes or 100, seed=args.seed,
                            reward=args.reward, metric=args.metric, criterion=args.criterion,
                            calib_images=args.calib_images, reward_images=args.reward_images, act_bits=args.act_bits,
-                           **({"experiment": args.experiment} if args.experiment else {}))
+                           channel_multiple=args.channel_multiple, **({"experiment": args.experiment} if args.experiment else {}))
         r = search(cfg, progress=not args.quiet)
     print(f"search run {r.run_id}: {len(r.candidates)} candidates in {r.wall_seconds:.0f} s"
           + (f", evaluation/forward time ratio {r.eval_ratio:.1f}" if r.eval_ratio else ""))

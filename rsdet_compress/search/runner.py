@@ -62,6 +62,9 @@ class SearchConfig:
     act_bits: int = 8
     #: largest fraction of a group the agent may prune
     max_sparsity: float = 0.8
+    #: kept channel counts rounded up to a multiple of this inside the search (8: what int8 CPU kernels want, and
+    #: the budget then holds for the deployed file; 1: exact counts)
+    channel_multiple: int = 1
     experiment: str = DEFAULT_EXPERIMENT
     device: str = "cpu"
 
@@ -95,6 +98,8 @@ def _check(cfg: SearchConfig) -> Budget:
         raise UserError(f"unknown reward metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
     if cfg.episodes < 1:
         raise UserError("--episodes must be >= 1")
+    if cfg.channel_multiple < 1:
+        raise UserError(f"--channel-multiple must be >= 1, not {cfg.channel_multiple}")
     if not cfg.weights or not Path(cfg.weights).is_file():
         raise UserError(f"{cfg.weights or '--weights'}: weights file not found")
     load_data_config(cfg.data)
@@ -135,7 +140,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         b = budget.scaled(0.5) if which == "half" else budget
         return CompressEnv(ws.view, scores, b, evaluator, reward_fn, cfg.metric, env_cfg, cfg.criterion)
 
-    env_cfg = EnvConfig(act_bits=cfg.act_bits, max_sparsity=cfg.max_sparsity)
+    env_cfg = EnvConfig(act_bits=cfg.act_bits, max_sparsity=cfg.max_sparsity, channel_multiple=cfg.channel_multiple)
     searcher = make_searcher(cfg.agent, make_env, cfg.episodes, cfg.seed, env_cfg)
     book = Logbook(uri, cfg.experiment, parent=resume)
     group_sizes = {g: grp.size for g, grp in ws.view.groups.items()}
