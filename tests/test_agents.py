@@ -412,3 +412,23 @@ def test_ajpq_shared_noise_is_drawn_per_learning_episode_and_resumed():
     np.testing.assert_array_equal(agent.select_action(s, 1), twin.select_action(s, 1))
     with pytest.raises(ValueError, match="noise must be"):
         ajpq(0, noise="gaussian")
+
+
+def test_ajpq_does_not_imitate_when_every_reward_is_equal():
+    """All-zero rewards (every warm-up candidate dead) carry no information: the first episode is not an elite to
+    imitate, so the actor learns exactly as without imitation; one better episode turns imitation on."""
+    class Flat(BudgetEnv):
+        def finish(self) -> float:
+            return 0.0
+
+    def actor_after(weight: float, env) -> np.ndarray:
+        agent = ajpq(0, warmup_episodes=4, elite_weight=weight)
+        run(agent, env, 4)
+        for _ in range(5):
+            agent.update_policy()
+        return agent.greedy_action(env.reset([]))
+
+    flat = Flat(*AJPQ_ENV)
+    np.testing.assert_array_equal(actor_after(1.0, flat), actor_after(0.0, flat))
+    live = BudgetEnv(*AJPQ_ENV)
+    assert not np.array_equal(actor_after(1.0, live), actor_after(0.0, live))
