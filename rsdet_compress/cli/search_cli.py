@@ -51,7 +51,8 @@ def run_search(args: argparse.Namespace) -> None:
                            budget=args.budget or ["size=0.125"], episodes=args.episodes or 100, seed=args.seed,
                            reward=args.reward, metric=args.metric, criterion=args.criterion,
                            calib_images=args.calib_images, reward_images=args.reward_images, act_bits=args.act_bits,
-                           channel_multiple=args.channel_multiple, **({"experiment": args.experiment} if args.experiment else {}))
+                           channel_multiple=args.channel_multiple,
+                           **({"experiment": args.experiment} if args.experiment else {}))
         r = search(cfg, progress=not args.quiet)
     print(f"search run {r.run_id}: {len(r.candidates)} candidates in {r.wall_seconds:.0f} s"
           + (f", evaluation/forward time ratio {r.eval_ratio:.1f}" if r.eval_ratio else ""))

@@ -205,7 +205,7 @@ class CompressEnv:
         size = self.view.groups[g].size
         n = max(1, min(size, round(size * (1.0 - sparsity))))
         m = self.cfg.channel_multiple
-        n = min(size, -(-n // m) * m) if m > 1 else n
+        n = min(size, -(-n // m) * m)  # rounded up to a multiple of m, within the group
         return sorted(self.order[g][:n])
 
     def _layer_spec(self, name: str, a: np.ndarray, groups: dict) -> dict | None:

@@ -79,8 +79,8 @@ class DDPGConfig:
     elite_weight: float = 1.0  # self-imitation (see module docstring): actor loss += w * MSE to the best episode's
     # applied actions. Synthetic test, 16 episodes x 12 seeds (additive / multiplicative reward): 0.69 / 0.065 with
     # init_sparsity alone, 0.71 / 0.077 with w=1 (random: 0.67 / 0.026); 300 episodes: 0.91-0.95 of the optimum
-    noise: str = "logit"  # "logit": exploration in logit space, median at the actor's action (exploration.logit_normal);
-    # "truncated": AMC/HAQ's truncated normal, whose draws near the 0.1 start average ~0.2 sparsity at sigma 0.2
+    noise: str = "logit"  # "logit": exploration in logit space, median at the actor's action
+    # (exploration.logit_normal); "truncated": AMC/HAQ's truncated normal, whose draws near the 0.1 start average ~0.2 sparsity at sigma 0.2
     shared_noise: float = 0.0  # fraction of the (logit) noise variance drawn once per episode and shared by all its
     # layers, so episodes explore the global prune-vs-bits trade-off. Off by default: on the synthetic test (300
     # episodes, 3 seeds) 0.5 reached 0.87-0.89 of the optimum, 0 reached 0.93-0.97 (truncated noise: 0.91-0.95)
@@ -291,8 +291,8 @@ class AJPQAgent:
             "baseline": self.baseline, "sigma": self.sigma,
             "elite": None if self.elite is None else (self.elite[0], self.elite[1].copy(), self.elite[2].copy()),
             "episodes_seen": self.episodes_seen, "steps_per_episode": self.steps_per_episode,
-            "strength": self.strength, "shared": self.shared.tolist(), "worst": self.worst, "rng": self.rng.bit_generator.state,
-            "torch_gen": self.torch_gen.get_state(),
+            "strength": self.strength, "shared": self.shared.tolist(), "worst": self.worst,
+            "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:

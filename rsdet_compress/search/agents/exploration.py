@@ -47,8 +47,8 @@ def fitted(name: str, episodes: int) -> dict:
         warmup = min(20, max(2, episodes // 4))
         learn = max(1, episodes - warmup)
         sigma = 0.5 if learn >= 100 else 0.2
-        return {"warmup_episodes": warmup, "sigma_init": sigma, "sigma_decay": min(0.99, (0.05 / sigma) ** (1.0 / learn)),
-                "shared_noise": 0.0 if learn >= 100 else 0.5}
+        return {"warmup_episodes": warmup, "sigma_init": sigma,
+                "sigma_decay": min(0.99, (0.05 / sigma) ** (1.0 / learn)), "shared_noise": 0.0 if learn >= 100 else 0.5}
     if name == "abcp":
         return {"std_decay": min(0.995, (0.03 / 0.25) ** (1.0 / episodes))}
     return {}
