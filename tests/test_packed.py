@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from rsdet_compress.compress.quant import QConv2d, fake_quant_weight
 from rsdet_compress.detectors.registry import create_detector, load_detector, save_detector
 from rsdet_compress.errors import UserError
 from rsdet_compress.export import packed as packed_mod
+from rsdet_compress.export.bnfold import fold, unit_var
 from rsdet_compress.export.packed import load_packed, pack_codes, save_packed, unpack_codes
 
 torch.set_num_threads(1)
@@ -83,11 +85,13 @@ def _qweights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _expected_payload(model: torch.nn.Module) -> int:
-    """Payload bytes by the accounting of docs/packed-format.md, from the model alone."""
+    """Payload bytes by the accounting of docs/packed-format.md, from the model alone (every BN folded)."""
     q = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, QConv2d)}
     total = 0
     for key, t in model.state_dict().items():
         if key.endswith(".w_bits") and key[:-len("w_bits")] + "weight" in q:
+            continue
+        if key.endswith((".running_mean", ".running_var", ".num_batches_tracked")):
             continue
         conv = q.get(key)
         if conv is not None and conv.quantizes_weight:
@@ -139,11 +143,19 @@ def test_round_trip_is_bit_exact_on_real_chips(cases, chips, name: str):
     assert ref_state.keys() == got_state.keys()
     ref_q, got_q = _qweights(ref), _qweights(got)
     assert ref_q.keys() == got_q.keys() and len(ref_q) > 5
+    bns = {n for n, m in ref.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     for key, t in ref_state.items():
         if key in ref_q:
             assert torch.equal(ref_q[key], got_q[key]), key  # the deployed (quantized) weight
+        elif key.rpartition(".")[0] in bns:  # stored folded: same affine map, not the same four tensors
+            continue
         else:
             assert t.dtype == got_state[key].dtype and torch.equal(t, got_state[key]), key
+    modules = dict(got.named_modules())
+    for name in bns:
+        alpha, beta, _ = fold(dict(ref.named_modules())[name])
+        assert torch.equal(modules[name].weight.detach(), alpha) and torch.equal(modules[name].bias.detach(), beta)
+        assert not modules[name].running_mean.any()
     # the file stores codes, not the float weights: the raw weights differ, the deployed ones do not
     assert any(not torch.equal(ref_state[k], got_state[k]) for k in ref_q)
 
@@ -160,9 +172,9 @@ def test_file_follows_the_documented_layout(cases):
     case = cases["yolov8n"]
     data = case["packed"].read_bytes()
     magic, version, hlen, plen, digest = struct.unpack_from("<8sIIQ32s", data)
-    assert (magic, version) == (b"RSDPACK\x00", 1) and len(data) == PREFIX_BYTES + hlen + plen
+    assert (magic, version) == (b"RSDPACK\x00", 2) and len(data) == PREFIX_BYTES + hlen + plen
     assert hashlib.sha256(data[PREFIX_BYTES:]).digest() == digest
-    header = json.loads(data[PREFIX_BYTES:PREFIX_BYTES + hlen])
+    header = json.loads(zlib.decompress(data[PREFIX_BYTES:PREFIX_BYTES + hlen]))
     payload = data[PREFIX_BYTES + hlen:]
     assert header["format"] == "rsdet-compress/packed" and header["detector"] == "yolov8n"
     ref_q = _qweights(load_detector(case["ckpt"])[0])
@@ -209,9 +221,29 @@ def test_packed_is_much_smaller_and_matches_the_accounting(cases, trained_yolov8
         model = load_detector(path)[0]
         assert rep["payload_bytes"] == _expected_payload(model)
         assert rep["bytes"] == rep["header_bytes"] + rep["payload_bytes"]
-        assert rep["header_bytes"] - PREFIX_BYTES < min(100_000, 0.1 * rep["bytes"])  # JSON: policy + tensor table
+        assert rep["header_bytes"] - PREFIX_BYTES < min(30_000, 0.02 * rep["bytes"])  # deflated policy + table
+        assert rep["header_bytes"] < rep["header_json_bytes"] / 3
         convs = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         assert sum(rep["weights_by_bits"].values()) == convs
+
+
+def test_batchnorm_stored_as_two_floats_bit_exactly(cases):
+    """Every BN is folded to (alpha, beta); rebuilt with mean 0 and var r it gives the same outputs bit for bit."""
+    for name, case in cases.items():
+        model = load_detector(case["ckpt"])[0].eval()
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert case["report"]["bn_folded"] == len(bns) > 0, name
+        x = torch.randn(3, bns[-1].num_features, 5, 5) * 3
+        folded = fold(bns[-1], x)
+        assert folded is not None
+        alpha, beta, r = folded
+        ref = bns[-1](x)
+        got = torch.nn.functional.batch_norm(x, torch.zeros_like(alpha), torch.full_like(alpha, r), alpha, beta,
+                                             False, 0.0, bns[-1].eps)
+        assert torch.equal(ref, got) and not torch.equal(alpha, bns[-1].weight.detach())
+    for eps in (1e-3, 1e-5, 1e-1):
+        r = np.float32(unit_var(eps))
+        assert np.float32(r + np.float32(eps)) == 1 and abs(float(r) - (1 - eps)) < 1e-6
 
 
 # ------------------------------------------------------------------ bad input
@@ -223,22 +255,31 @@ def test_float_checkpoint_rejected_and_nothing_written(trained_yolov8n: Path, tm
 
 def _rewrite(data: bytes, header: dict) -> bytes:
     """A file with a modified header and a valid checksum (a consistent but wrong file)."""
-    head = json.dumps(header).encode()
+    head = zlib.compress(json.dumps(header).encode())
     _, version, hlen, plen, _ = struct.unpack_from("<8sIIQ32s", data)
     payload = data[PREFIX_BYTES + hlen:]
     return (struct.pack("<8sIIQ32s", b"RSDPACK\x00", version, len(head), plen,
                         hashlib.sha256(head + payload).digest()) + head + payload)
 
 
+def _plain(data: bytes, header: dict) -> bytes:
+    """A version-2 file whose header was written as plain JSON (not deflated)."""
+    head = json.dumps(header).encode()
+    plen = struct.unpack_from("<Q", data, 16)[0]
+    payload = data[len(data) - plen:]
+    return (struct.pack("<8sIIQ32s", b"RSDPACK\x00", 2, len(head), plen, hashlib.sha256(head + payload).digest())
+            + head + payload)
+
+
 def test_bad_files_rejected_with_clear_messages(cases, tmp_path: Path):
     src = cases["skynet"]["packed"]
     data = src.read_bytes()
     hlen = struct.unpack_from("<I", data, 12)[0]
-    header = json.loads(data[PREFIX_BYTES:PREFIX_BYTES + hlen])
+    header = json.loads(zlib.decompress(data[PREFIX_BYTES:PREFIX_BYTES + hlen]))
     flipped = bytearray(data)
     flipped[PREFIX_BYTES + hlen + (len(data) - PREFIX_BYTES - hlen) // 2] ^= 0x10
     bad_version = bytearray(data)
-    bad_version[8:12] = struct.pack("<I", 2)
+    bad_version[8:12] = struct.pack("<I", 3)
     cases_ = {
         "random.rsdp": (np.random.default_rng(0).bytes(4096), "not an rsdet-compress packed file"),
         "empty.rsdp": (b"", "not an rsdet-compress packed file"),
@@ -247,7 +288,9 @@ def test_bad_files_rejected_with_clear_messages(cases, tmp_path: Path):
         "prefix_only.rsdp": (data[:30], "truncated packed file"),
         "trailing.rsdp": (data + b"\0", "oversized packed file"),
         "flipped.rsdp": (bytes(flipped), "checksum mismatch: the packed file is corrupt"),
-        "version.rsdp": (bytes(bad_version), "packed format version 2 not supported"),
+        "version.rsdp": (bytes(bad_version), "packed format version 3 not supported"),
+        "plainjson.rsdp": (_plain(data, header), "header is not deflated JSON"),
+        "bn.rsdp": (_rewrite(data, {**header, "bn_folded": {"model.nope": 0.999}}), "folded BatchNorm model.nope"),
         "detector.rsdp": (_rewrite(data, {**header, "detector": "nonet"}), "unknown detector 'nonet'"),
         "table.rsdp": (_rewrite(data, {**header, "tensors": header["tensors"][1:]}), "corrupt packed file"),
     }

@@ -4,10 +4,11 @@ A compressed checkpoint (``rsdet-compress compress``) stores fp32 weights plus
 the policy; fake quantization re-derives the integer codes on every forward.
 The packed file stores what a deployment needs instead: per quantized conv the
 integer codes at each output channel's bit-width (two's complement, bit-packed
-LSB first), the fp32 per-channel scales, and everything else (BN, biases, float
-layers and channels, activation ranges) as raw fp32 -- never fp16, which would
-break the bit-exact reload. A small JSON header carries the detector name,
-classes, policy and tensor table, so :func:`load_packed` rebuilds the pruned,
+LSB first), the fp32 per-channel scales, each BatchNorm as its two-float affine
+map (:mod:`rsdet_compress.export.bnfold`, bit-exact), and everything else (biases,
+float layers and channels, activation ranges) as raw fp32 -- never fp16, which
+would break the bit-exact reload. A small deflated JSON header carries the
+detector name, classes, policy and tensor table, so :func:`load_packed` rebuilds the pruned,
 fake-quantized model the way :func:`~rsdet_compress.detectors.registry.load_detector`
 does and its outputs equal the checkpoint's bit for bit.
 The byte layout (for a C reader) is specified in ``docs/packed-format.md``.
@@ -19,6 +20,7 @@ import json
 import os
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,12 @@ from torch import nn
 from rsdet_compress.compress.quant import (FLOAT_BITS, MAX_INT_BITS, ActQuantizer, QConv2d, fake_quant_weight,
                                            quantized_weight)
 from rsdet_compress.errors import UserError
+from rsdet_compress.export.bnfold import fold, folded_state
 
 FORMAT = "rsdet-compress/packed"
-VERSION = 1
+#: 2: zlib-deflated header, BatchNorms folded to two floats, no num_batches_tracked (1: plain JSON, raw BN)
+VERSION = 2
+READABLE = (1, 2)
 MAGIC = b"RSDPACK\x00"
 #: fixed prefix: magic, format version, JSON header length, payload length, sha256(header + payload)
 PREFIX = struct.Struct("<8sIIQ32s")
@@ -111,11 +116,27 @@ def _qconv_names(model: nn.Module) -> dict[str, QConv2d]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QConv2d)}
 
 
-def _encode(model: nn.Module) -> tuple[list[dict], bytes, dict]:
-    """Tensor table, payload and bit-width counts for a compressed model's state."""
+def _fold_bns(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float], set[str]]:
+    """Folded BN tensors to store instead (``name -> tensor``), ``{bn: running_var}`` and names to leave out."""
+    replace: dict[str, torch.Tensor] = {}
+    folded: dict[str, float] = {}
+    drop = {k for k in model.state_dict() if k.endswith(".num_batches_tracked")}  # training-only counter
+    for name, m in model.named_modules():
+        f = fold(m) if isinstance(m, nn.BatchNorm2d) else None
+        if f is None:
+            continue
+        alpha, beta, folded[name] = f
+        replace.update({f"{name}.weight": alpha, f"{name}.bias": beta})
+        drop.update({f"{name}.running_mean", f"{name}.running_var"})
+    return replace, folded, drop
+
+
+def _encode(model: nn.Module) -> tuple[list[dict], bytes, dict, dict[str, float]]:
+    """Tensor table, payload, bit-width counts and folded BNs for a compressed model's state."""
     qconvs = _qconv_names(model)
     packed = {f"{n}.weight": m for n, m in qconvs.items() if m.quantizes_weight}
-    skip = {f"{n}.w_bits" for n in qconvs}  # rebuilt from the policy (packed convs: checked against bits)
+    replace, folded, skip = _fold_bns(model)
+    skip |= {f"{n}.w_bits" for n in qconvs}  # rebuilt from the policy (packed convs: checked against bits)
     table: list[dict] = []
     chunks: list[bytes] = []
     offset = 0
@@ -132,7 +153,7 @@ def _encode(model: nn.Module) -> tuple[list[dict], bytes, dict]:
                 weights_by_bits[b] = weights_by_bits.get(b, 0) + n
                 channels_by_bits[b] = channels_by_bits.get(b, 0) + 1
         else:
-            code, blob = _raw(t, name)
+            code, blob = _raw(replace.get(name, t), name)
             entry = {"name": name, "dtype": code, "shape": list(t.shape)}
         entry.update(offset=offset, nbytes=len(blob))
         table.append(entry)
@@ -145,7 +166,7 @@ def _encode(model: nn.Module) -> tuple[list[dict], bytes, dict]:
             channels_by_bits[FLOAT_BITS] = channels_by_bits.get(FLOAT_BITS, 0) + m.weight.shape[0]
     counts = {"weights_by_bits": {str(k): v for k, v in sorted(weights_by_bits.items())},
               "channels_by_bits": {str(k): v for k, v in sorted(channels_by_bits.items())}}
-    return table, b"".join(chunks), counts
+    return table, b"".join(chunks), counts, folded
 
 
 def fp32_bytes(model: nn.Module) -> int:
@@ -168,13 +189,14 @@ def save_packed(weights: str | Path, out: str | Path) -> dict:
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give the packed file's path")
-    table, payload, counts = _encode(model)
+    table, payload, counts, folded = _encode(model)
     header = {"format": FORMAT, "version": VERSION, "detector": meta["detector"],
               "num_classes": int(meta["num_classes"]), "names": meta.get("names"),
               "imgsz": int(model.policy.imgsz), "policy": model.policy.to_dict(),
               "meta": {k: v for k, v in meta.items() if k not in ("detector", "num_classes", "names", "compressed")},
-              "tensors": table}
-    head = json.dumps(header, separators=(",", ":"), default=str).encode("utf-8")
+              "bn_folded": folded, "tensors": table}
+    text = json.dumps(header, separators=(",", ":"), default=str).encode("utf-8")
+    head = zlib.compress(text, 9)
     digest = hashlib.sha256(head + payload).digest()
     prefix = PREFIX.pack(MAGIC, VERSION, len(head), len(payload), digest)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +216,8 @@ def save_packed(weights: str | Path, out: str | Path) -> dict:
     size = out.stat().st_size
     fp32 = fp32_bytes(model)
     return {"path": str(out), "bytes": size, "fp32_bytes": fp32, "ratio": fp32 / size,
-            "header_bytes": PREFIX.size + len(head), "payload_bytes": len(payload), **counts}
+            "header_bytes": PREFIX.size + len(head), "header_json_bytes": len(text), "payload_bytes": len(payload),
+            "bn_folded": len(folded), **counts}
 
 
 # ------------------------------------------------------------------ decoding
@@ -209,8 +232,9 @@ def _read(path: Path) -> tuple[dict, bytes]:
     if len(data) < PREFIX.size:
         raise UserError(f"{path}: truncated packed file ({len(data)} bytes, less than its {PREFIX.size}-byte prefix)")
     _, version, hlen, plen, digest = PREFIX.unpack_from(data)
-    if version != VERSION:
-        raise UserError(f"{path}: packed format version {version} not supported (this rsdet-compress reads {VERSION})")
+    if version not in READABLE:
+        raise UserError(f"{path}: packed format version {version} not supported "
+                        f"(this rsdet-compress reads {', '.join(map(str, READABLE))})")
     expected = PREFIX.size + hlen + plen
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "oversized"
@@ -219,9 +243,12 @@ def _read(path: Path) -> tuple[dict, bytes]:
     if hashlib.sha256(body).digest() != digest:
         raise UserError(f"{path}: checksum mismatch: the packed file is corrupt")
     try:
-        header = json.loads(bytes(body[:hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path}: corrupt packed file (header is not JSON)") from None
+        head = bytes(body[:hlen])
+        header = json.loads((zlib.decompress(head) if version >= 2 else head).decode("utf-8"))
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: corrupt packed file (header is not {'deflated ' if version >= 2 else ''}JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt packed file (header is not a JSON object)")
     missing = [k for k in ("format", "detector", "num_classes", "policy", "tensors") if k not in header]
     if header.get("format", FORMAT) != FORMAT or missing:
         raise UserError(f"{path}: corrupt packed file (header field(s) {', '.join(missing) or 'format'} wrong)")
@@ -252,6 +279,19 @@ def _decode_conv(entry: dict, blob: bytes, path: Path) -> tuple[torch.Tensor, np
     if not torch.equal(fake_quant_weight(w, torch.from_numpy(bits).to(torch.int16)), w):
         raise UserError(f"{path}: tensor {entry['name']}: stored codes and scales cannot be reproduced exactly")
     return w, bits
+
+
+def _unfold_bns(model: nn.Module, folded: dict, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Complete ``state`` with the BN tensors a version-2 file leaves out (see :mod:`.bnfold`)."""
+    modules = dict(model.named_modules())
+    for name, r in folded.items():
+        if not isinstance(modules.get(name), nn.BatchNorm2d) or f"{name}.weight" not in state:
+            raise UserError(f"{path}: corrupt packed file (folded BatchNorm {name} not in the model)")
+        full = folded_state(state[f"{name}.weight"], state[f"{name}.bias"], float(r))
+        state.update({f"{name}.{k}": full[k] for k in ("running_mean", "running_var")})
+    for name, m in modules.items():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            state.setdefault(f"{name}.num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
 
 def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
@@ -293,6 +333,7 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
         raise UserError(f"{path}: corrupt packed file (tensor table: {type(e).__name__}: {str(e)[:80]})") from None
     if end != len(payload):
         raise UserError(f"{path}: corrupt packed file ({len(payload) - end} payload bytes not in the tensor table)")
+    _unfold_bns(model, header.get("bn_folded") or {}, state, path)
     packed = {e["name"] for e in header["tensors"] if e["dtype"] == "packed"}
     for name, m in _qconv_names(model).items():
         if m.quantizes_weight and f"{name}.weight" not in packed:
