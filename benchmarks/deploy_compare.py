@@ -5,9 +5,9 @@
 
 For each detector (trained baseline runs/baselines/<model>/weights/best.pt):
 1. fp32: ONNX export (mAP-checked), test-split mAP.
-2. AJPQ policy: a search under ``--budget`` (default 8x smaller weights and at most
-   half the FLOPs: without a FLOPs term the agent spends the whole budget on bits and
-   nothing gets faster), or ``--policy`` (the fp32 weights the policy was searched on).
+2. AJPQ policy: a search under ``--budget`` (default 8.3x smaller weights and 1.67x fewer
+   FLOPs: without a FLOPs term the agent spends the whole budget on bits and nothing
+   gets faster), or ``--policy`` (the fp32 weights the policy was searched on).
    Kept channel counts are multiples of ``--channel-multiple`` (8) inside the search, so
    the budget holds for the deployed file (rounding after the search cost YOLOv8n ~16%).
 3. compress (calibrated) -> QAT fine-tune (``--finetune-epochs``, distilled from fp32)
@@ -153,8 +153,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="yolov8n,skynet")
     # size 0.12, not 0.125: a 4% margin. With channels rounded in the search the cost model matches the packed
-    # file (YOLOv8n: policy 7.2762x, file 7.276x), but the 8x target is on the file, so leave room
-    ap.add_argument("--budget", default="size=0.12,flops=0.5", help="search budget, comma-separated")
+    # file (SkyNet: policy 268,185 bytes, file 275,937 with its 5 KB header), but the 8x target is on the file.
+    # flops 0.6, not 0.5: at 0.5 (multiples of 8) every YOLOv8n candidate scored mAP50 0 before fine-tuning, so
+    # the reward was flat and the search could not steer; at 0.6 the best scored 0.33 on the reward chips
+    ap.add_argument("--budget", default="size=0.12,flops=0.6", help="search budget, comma-separated")
     ap.add_argument("--channel-multiple", type=int, default=8, help="kept channel counts rounded in the search")
     ap.add_argument("--episodes", type=int, default=24)
     ap.add_argument("--policy", help="use this policy instead of searching (one model only)")
