@@ -33,13 +33,13 @@ def unit_var(eps: float) -> float:
 
 
 @torch.no_grad()
-def _affine(bn: nn.BatchNorm2d, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+def _affine(eps: float, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
             var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's (alpha, beta) for these BN parameters: outputs at x = 1 with zero bias/mean, and at x = 0."""
     c = weight.numel()
     ones, zeros = torch.ones(1, c, 2, 2), torch.zeros(1, c, 2, 2)
-    alpha = nn.functional.batch_norm(ones, torch.zeros(c), var, weight, torch.zeros(c), False, 0.0, bn.eps)
-    beta = nn.functional.batch_norm(zeros, mean, var, weight, bias, False, 0.0, bn.eps)
+    alpha = nn.functional.batch_norm(ones, torch.zeros(c), var, weight, torch.zeros(c), False, 0.0, eps)
+    beta = nn.functional.batch_norm(zeros, mean, var, weight, bias, False, 0.0, eps)
     return alpha[0, :, 0, 0].clone(), beta[0, :, 0, 0].clone()
 
 
@@ -60,11 +60,11 @@ def fold(bn: nn.BatchNorm2d, probe: torch.Tensor | None = None) -> tuple[torch.T
         return None
     w, b = bn.weight.detach().cpu(), bn.bias.detach().cpu()
     mean, var = bn.running_mean.cpu(), bn.running_var.cpu()
-    alpha, beta = _affine(bn, w, b, mean, var)
+    alpha, beta = _affine(bn.eps, w, b, mean, var)
     r = unit_var(bn.eps)
     c = w.numel()
     rvar = torch.full((c,), r)
-    if not all(torch.equal(x, y) for x, y in zip(_affine(bn, alpha, beta, torch.zeros(c), rvar), (alpha, beta))):
+    if not all(torch.equal(x, y) for x, y in zip(_affine(bn.eps, alpha, beta, torch.zeros(c), rvar), (alpha, beta))):
         return None
     if probe is None:
         probe = torch.randn(2, c, 3, 3, generator=torch.Generator().manual_seed(0)) * 4

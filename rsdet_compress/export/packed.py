@@ -246,7 +246,8 @@ def _read(path: Path) -> tuple[dict, bytes]:
         head = bytes(body[:hlen])
         header = json.loads((zlib.decompress(head) if version >= 2 else head).decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path}: corrupt packed file (header is not {'deflated ' if version >= 2 else ''}JSON)") from None
+        what = "deflated JSON" if version >= 2 else "JSON"
+        raise UserError(f"{path}: corrupt packed file (header is not {what})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt packed file (header is not a JSON object)")
     missing = [k for k in ("format", "detector", "num_classes", "policy", "tensors") if k not in header]
