@@ -6,8 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from rsdet_compress.data.imageio import CorruptImage, image_size
 from rsdet_compress.errors import UserError
 
 
@@ -77,19 +76,6 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the image header, or None if the file is not a readable image."""
-    try:
-        with Image.open(path) as im:
-            im.verify()  # checks the file structure without decoding all pixels
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError):
-        # ImportError: once imported, ultralytics wraps PIL's Image.open and, on a file PIL cannot
-        # identify, tries the optional HEIF plugin (pi-heif), which is not installed.
-        return None
-
-
 class BoxSanitizer:
     """Clips boxes to their image, drops degenerate ones, and counts what it did.
 
@@ -130,12 +116,14 @@ class ImageChecker:
         self.seen = 0
 
     def size(self, path: Path) -> tuple[int, int] | None:
+        """(width, height) as displayed (see :mod:`imageio`), or None for a skipped corrupt image."""
         self.seen += 1
-        wh = image_size(path)
-        if wh is None:
+        try:
+            return image_size(path)
+        except CorruptImage:
             self.bad.append(path)
             self.warnings["corrupt image skipped"] += 1
-        return wh
+            return None
 
     def finish(self) -> None:
         """Raise if more than ``max_bad_fraction`` of the images were unreadable."""
