@@ -20,6 +20,7 @@ import torch
 from pycocotools.coco import COCO
 from ultralytics.data.augment import LetterBox
 
+from rsdet_compress.data.imageio import read_image
 from rsdet_compress.errors import UserError
 
 PAD_VALUE = 114  # ultralytics' letterbox grey
@@ -116,9 +117,7 @@ class EvalSet:
         ratio_pad: list[RatioPad] = []
         for row, image_id in enumerate(ids):
             path = image_dir / coco.imgs[image_id]["file_name"]
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise UserError(f"{path}: unreadable image")
+            bgr = read_image(path)  # the decoder chips were cut with; CorruptImage names the file
             shapes.append((int(bgr.shape[0]), int(bgr.shape[1])))
             boxed, rp = letterbox(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), imgsz, scale_up)
             images[row] = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))
