@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rsdet_compress.data.record import DetectionSet
+from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
 
 Reader = Callable[..., DetectionSet]
@@ -41,7 +42,7 @@ def read_dataset(fmt: str, src: str | Path, classes: list[str] | None = None, **
 
 def read_class_file(path: Path) -> list[str]:
     """One class name per non-empty line (classes.txt / names.txt)."""
-    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    names = [ln.strip() for ln in read_text(path, "class file").splitlines() if ln.strip()]
     if not names:
         raise UserError(f"{path}: class file is empty")
     return names

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from rsdet_compress.data.readers import register_reader
 from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images
+from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -41,8 +43,8 @@ def read_airbus(src: Path, classes: list[str] | None = None, csv_name: str = "an
     if not csv_path.is_file():
         raise UserError(f"{csv_path}: annotation CSV not found")
     rows: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(read_text(csv_path, "annotation CSV"), newline=""))
+    try:
         missing = {"image_id", "geometry", "class"} - set(reader.fieldnames or [])
         if missing:
             raise UserError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}")
@@ -50,6 +52,8 @@ def read_airbus(src: Path, classes: list[str] | None = None, csv_name: str = "an
             if not row.get("image_id") or not row.get("geometry") or not row.get("class"):
                 raise UserError(f"{csv_path}:{reader.line_num}: empty image_id, geometry or class")
             rows[row["image_id"]].append((reader.line_num, row["geometry"], row["class"]))
+    except csv.Error as e:
+        raise UserError(f"{csv_path}:{reader.line_num}: malformed CSV ({e})") from None
     if not rows:
         raise UserError(f"{csv_path}: no annotation rows")
     found_classes = sorted({c for rs in rows.values() for _, _, c in rs})

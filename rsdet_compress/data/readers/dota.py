@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rsdet_compress.data.readers import register_reader
 from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images
+from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
 
 _HEADER_KEYS = ("imagesource:", "gsd:")
@@ -14,7 +15,7 @@ _HEADER_KEYS = ("imagesource:", "gsd:")
 def parse_dota_rows(path: Path) -> list[tuple[int, list[float], str, bool]]:
     """(line, 8 coords, class name, difficult) for each object row; header lines skipped."""
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(path, "label file").splitlines(), start=1):
         s = line.strip()
         if not s or s.lower().startswith(_HEADER_KEYS):
             continue
@@ -50,8 +51,12 @@ def read_dota(src: Path, classes: list[str] | None = None, missing_labels: str =
             parsed[img] = (lbl, parse_dota_rows(lbl))
     if not parsed:
         raise UserError(f"{images_dir}: no images found")
-    classes = classes or sorted({r[2] for _, rows in parsed.values() for r in rows})
+    used = {lbl for lbl, _ in parsed.values()}
+    orphans = [p for p in labels_dir.glob("*.txt") if p not in used]
     warnings: Counter = Counter()
+    if orphans:  # e.g. the DOTA devkit sample: labels of images it does not ship; their boxes are lost
+        warnings["label file without image ignored"] += len(orphans)
+    classes = classes or sorted({r[2] for _, rows in parsed.values() for r in rows})
     sanitize, checker = BoxSanitizer(len(classes), warnings), ImageChecker(warnings, max_bad_images)
     records = []
     for img, (lbl, rows) in parsed.items():

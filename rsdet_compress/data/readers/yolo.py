@@ -8,15 +8,26 @@ import yaml
 
 from rsdet_compress.data.readers import read_class_file, register_reader
 from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images
+from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
+
+#: Class-name files (labelImg writes classes.txt into the labels folder: not an orphan label file).
+CLASS_FILES = ("classes.txt", "names.txt", "obj.names")
+#: A normalised coordinate above this is not a box slightly past the border (clipped and counted)
+#: but a label written in pixels: every such box would land outside the image and be dropped.
+PIXEL_LIKE = 2.0
 
 
 def _yolo_classes(src: Path) -> list[str]:
-    for name in ("classes.txt", "names.txt", "obj.names"):
+    for name in CLASS_FILES:
         if (src / name).is_file():
             return read_class_file(src / name)
     for y in sorted(src.glob("*.yaml")) + sorted(src.glob("*.yml")):
-        names = (yaml.safe_load(y.read_text()) or {}).get("names")
+        try:
+            data = yaml.safe_load(read_text(y, "YAML file"))
+        except yaml.YAMLError as e:
+            raise UserError(f"{y}: invalid YAML ({str(e).splitlines()[0]})") from None
+        names = data.get("names") if isinstance(data, dict) else None
         if isinstance(names, dict):
             return [str(names[k]) for k in sorted(names)]
         if isinstance(names, list):
@@ -31,7 +42,7 @@ def _label_path(img: Path, images_dir: Path, labels_dir: Path) -> Path:
 def parse_yolo_label(path: Path, w: int, h: int, sanitize: BoxSanitizer) -> list:
     """Parse one label file into boxes; malformed rows raise with file:line."""
     boxes = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(path, "label file").splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
@@ -42,6 +53,9 @@ def parse_yolo_label(path: Path, w: int, h: int, sanitize: BoxSanitizer) -> list
             xc, yc, bw, bh = (float(v) for v in parts[1:])
         except ValueError:
             raise UserError(f"{path}:{n}: non-numeric value in {line.strip()!r}") from None
+        if max(xc, yc, bw, bh) > PIXEL_LIKE:
+            raise UserError(f"{path}:{n}: coordinates look like pixels ({line.strip()!r}); YOLO labels are "
+                            "'class xc yc w h' normalised to 0..1 by the image width and height")
         box = sanitize((xc - bw / 2) * w, (yc - bh / 2) * h, (xc + bw / 2) * w, (yc + bh / 2) * h,
                        cls, w, h, where=f"{path}:{n}")
         if box is not None:
@@ -63,8 +77,8 @@ def read_yolo(src: Path, classes: list[str] | None = None, missing_labels: str =
     classes = classes or _yolo_classes(src)
     warnings: Counter = Counter()
     sanitize, checker = BoxSanitizer(len(classes), warnings), ImageChecker(warnings, max_bad_images)
-    records = []
-    for img in list_images(images_dir):
+    records, images = [], list_images(images_dir)
+    for img in images:
         lbl = _label_path(img, images_dir, labels_dir)
         if not lbl.is_file():
             if missing_labels != "empty":
@@ -79,4 +93,8 @@ def read_yolo(src: Path, classes: list[str] | None = None, missing_labels: str =
     checker.finish()
     if not records:
         raise UserError(f"{images_dir}: no images found")
+    used = {_label_path(img, images_dir, labels_dir) for img in images}
+    orphans = [p for p in labels_dir.rglob("*.txt") if p not in used and p.name not in CLASS_FILES]
+    if orphans:  # an image renamed or deleted: its boxes are lost, so say so
+        warnings["label file without image ignored"] += len(orphans)
     return DetectionSet(src.name, classes, records, warnings)
