@@ -7,7 +7,9 @@ import pytest
 
 from rsdet_compress.data.record import Box
 from rsdet_compress.data.split import split_sources
-from rsdet_compress.data.tiling import Tile, boxes_in_tile, scale_box, tile_grid, tile_starts
+from rsdet_compress.data.tiling import (MAX_TILES_PER_IMAGE, Tile, boxes_in_tile, check_tile_count, scale_box,
+                                        tile_count, tile_grid, tile_starts)
+from rsdet_compress.errors import UserError
 
 
 def test_tile_starts_cover_without_padding():
@@ -79,3 +81,19 @@ def test_split_by_source_is_seeded_and_disjoint():
 def test_split_rejects_bad_fractions():
     with pytest.raises(ValueError):
         split_sources(["a"], (0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("w,h,tile,ov", [(2560, 2560, 640, 0.2), (1764, 430, 256, 0.0), (431, 128, 128, 0.5),
+                                       (100, 50, 640, 0.2), (700, 700, 256, 0.9), (999, 333, 33, 0.37)])
+def test_tile_count_is_the_grid_size_without_building_it(w, h, tile, ov):
+    assert tile_count(w, h, tile, ov) == len(tile_grid(w, h, tile, ov))
+
+
+def test_tile_count_limit_names_the_option_and_count():
+    assert check_tile_count(2560, 2560, 640, 0.2) == 25
+    with pytest.raises(UserError, match=r"scene.tif: --overlap 0.999 .* 3,690,241 tiles .*limit 10,000"):
+        check_tile_count(2560, 2560, 640, 0.999, image="scene.tif")
+    # the other caller (predict's sliced windows) names its own option
+    with pytest.raises(UserError, match="--overlap"):
+        check_tile_count(20_000, 20_000, 64, 0.5)
+    assert tile_count(20_000, 20_000, 640, 0.5) < MAX_TILES_PER_IMAGE  # a big real scene still fits
