@@ -26,15 +26,17 @@ def _add_prepare(sub) -> None:
     p.add_argument("--out", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--config", help="YAML with any of the options below (flags win)")
     p.add_argument("--tile", type=int)
-    p.add_argument("--overlap", type=float)
+    p.add_argument("--overlap", type=float, help="fraction of a tile shared with its neighbour, 0..<1")
     p.add_argument("--rescale", type=float)
     p.add_argument("--min-visibility", type=float)
-    p.add_argument("--split", type=comma_list(float, "numbers"), help="train,val,test fractions, e.g. 0.8,0.1,0.1")
+    p.add_argument("--split", type=comma_list(float, "numbers"),
+                   help="train,val,test fractions of source images, summing to 1, train > 0, e.g. 0.8,0.1,0.1")
     p.add_argument("--seed", type=int)
     p.add_argument("--keep-empty", type=float, help="fraction of box-free train chips kept")
     p.add_argument("--classes", help="file with one class name per line (fixes the class order)")
     p.add_argument("--missing-labels", help="error (default) | empty")
-    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing --out (never one that is, contains or lies inside --src)")
     p.add_argument("--quiet", action="store_true")
 
 
