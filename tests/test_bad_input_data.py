@@ -404,3 +404,43 @@ def test_every_exif_orientation_matches_pil_and_size(kit_dir, tmp_path):
         got = read_image(path)
         assert np.array_equal(got, expected), o
         assert image_size(path) == (got.shape[1], got.shape[0]) == ((80, 120) if o >= 5 else (120, 80))
+
+
+def test_coco_size_of_the_unrotated_frame_refused(capsys, kit_dir, tmp_path):
+    """Boxes drawn on the stored (un-rotated) frame of an EXIF-rotated photo would land on the wrong
+    pixels: the JSON's width/height give it away."""
+    src = tmp_path / "coco"
+    (src / "images").mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = Image.open(kit_dir / "images" / "MOS155.png").convert("RGB")
+    photo.transpose(Image.Transpose.ROTATE_90).save(src / "images" / "turned.jpg", quality=90, exif=exif)
+    ann = src / "instances.json"
+    ann.write_text(json.dumps({"images": [{"id": 3, "file_name": "turned.jpg", "width": 430, "height": 1764}],
+                               "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [5, 5, 9, 9]}],
+                               "categories": [{"id": 1, "name": "car"}]}))
+    run_error(capsys, prep("coco", ann, tmp_path / "out", *ALL_TRAIN), str(ann), "image id 3", "430x1764",
+              "un-rotated")
+    assert_no_output(tmp_path, "out")
+
+
+def test_yaml_names_with_a_gap_refused(capsys, kit_dir, tmp_path):
+    """names {0: car, 2: bus} as a list would make label id 1 'bus' without a word."""
+    src = kit(tmp_path / "kit", kit_dir)
+    (src / "classes.txt").unlink()
+    (src / "data.yaml").write_text("names: {0: car, 2: bus}\n")
+    run_error(capsys, prep("yolo", src, tmp_path / "out", *ALL_TRAIN), "data.yaml", "0..1")
+    assert_no_output(tmp_path, "out")
+
+
+@pytest.mark.parametrize("text,needle", [(b"names: [car]\ntrain: images/train\nval: caf\xe9\n", ":3: not UTF-8"),
+                                         (b"names: [car]\ntrain: [a, b]\nval: v\n", "'train'"),
+                                         (b"names: [car]\ntrain: t\nval: v\ncoco: {val: 3}\n", "'coco'")])
+def test_dataset_yaml_errors_are_one_line(tmp_path, text, needle):
+    from rsdet_compress.data.config import load_data_config
+    from rsdet_compress.errors import UserError
+    path = tmp_path / "data.yaml"
+    path.write_bytes(text)
+    with pytest.raises(UserError, match=needle) as e:
+        load_data_config(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

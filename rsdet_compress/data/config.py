@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from rsdet_compress.data.record import list_images
+from rsdet_compress.data.record import list_images, parse_names
+from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
 
 
@@ -53,16 +54,20 @@ def load_data_config(path: str | Path) -> DataConfig:
     if not path.is_file():
         raise UserError(f"{path}: dataset YAML not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path, "dataset YAML"))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping with 'names', 'train', 'val'")
-    names = data.get("names")
-    if isinstance(names, dict):
-        names = [str(names[k]) for k in sorted(names)]
-    if not isinstance(names, list) or not names:
+    names = parse_names(data.get("names"), str(path))
+    if not names:
         raise UserError(f"{path}: field 'names' missing or empty")
+    for key in ("path", "train", "val", "test"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise UserError(f"{path}: field '{key}' must be one folder path, got {data[key]!r}")
+    for key, kind in (("coco", dict), ("rsdet", dict)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise UserError(f"{path}: field '{key}' must be a mapping, got {data[key]!r}")
     root = Path(data.get("path") or path.parent)
     if not root.is_absolute():
         root = path.parent / root if data.get("path") else root
@@ -70,7 +75,10 @@ def load_data_config(path: str | Path) -> DataConfig:
     for s in ("train", "val"):
         if s not in images:
             raise UserError(f"{path}: field '{s}' missing")
-    coco = {s: root / p for s, p in (data.get("coco") or {}).items()}
+    coco_paths = data.get("coco") or {}
+    if not all(isinstance(p, str) for p in coco_paths.values()):
+        raise UserError(f"{path}: field 'coco' must map each split to one JSON path")
+    coco = {str(s): root / p for s, p in coco_paths.items()}
     cfg = DataConfig(path, names, images, coco, data.get("rsdet") or {})
     for s in ("train", "val"):
         cfg.split_images(s)

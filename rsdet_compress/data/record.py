@@ -76,6 +76,38 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def parse_names(names: object, where: str) -> list[str] | None:
+    """Class names from a YAML ``names:`` (a list, or a mapping of class id -> name), or None if absent.
+
+    A mapping must use the ids 0..n-1: with a gap (``{0: car, 2: bus}``) label id 1
+    would silently become "bus" once the names are put in a list.
+    """
+    if names is None:
+        return None
+    if isinstance(names, dict):
+        if sorted(names, key=repr) != sorted(range(len(names)), key=repr):
+            raise UserError(f"{where}: 'names' keys must be the class ids 0..{len(names) - 1}, "
+                            f"got {list(names)}")
+        names = [names[k] for k in range(len(names))]
+    if not isinstance(names, list) or not names:
+        raise UserError(f"{where}: field 'names' must be a non-empty list or id -> name mapping")
+    return [str(n) for n in names]
+
+
+def check_declared_size(where: str, declared: tuple[object, object], actual: tuple[int, int],
+                        image: Path) -> None:
+    """Refuse an annotation whose stated image size differs from the image as decoded: its boxes
+    were drawn on other pixels (a resized copy, or the un-rotated frame of an EXIF-rotated photo)."""
+    w, h = declared
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+        return  # not stated (VOC tools often write 0): nothing to compare
+    if (round(w), round(h)) == actual:
+        return
+    hint = (" (the un-rotated size: labels drawn without the EXIF orientation, which every decoder here applies)"
+            if (round(h), round(w)) == actual else "")
+    raise UserError(f"{where}: image size given as {w}x{h}, but {image} is {actual[0]}x{actual[1]}{hint}")
+
+
 class BoxSanitizer:
     """Clips boxes to their image, drops degenerate ones, and counts what it did.
 

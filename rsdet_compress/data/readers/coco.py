@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from rsdet_compress.data.readers import register_reader
-from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord
+from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, check_declared_size
 from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
 
@@ -100,6 +100,7 @@ def read_coco(src: Path, classes: list[str] | None = None, max_bad_images: float
         wh = checker.size(img)
         if wh is None:
             continue
+        check_declared_size(f"{path}: image id {im['id']}", (im.get("width"), im.get("height")), wh, img)
         boxes = []
         for k, a in anns.get(im["id"], []):
             where = f"{path}: annotations[{k}]"

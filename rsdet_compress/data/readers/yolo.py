@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 
 from rsdet_compress.data.readers import read_class_file, register_reader
-from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images
+from rsdet_compress.data.record import (BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images,
+                                       parse_names)
 from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
 
@@ -27,11 +28,9 @@ def _yolo_classes(src: Path) -> list[str]:
             data = yaml.safe_load(read_text(y, "YAML file"))
         except yaml.YAMLError as e:
             raise UserError(f"{y}: invalid YAML ({str(e).splitlines()[0]})") from None
-        names = data.get("names") if isinstance(data, dict) else None
-        if isinstance(names, dict):
-            return [str(names[k]) for k in sorted(names)]
-        if isinstance(names, list):
-            return [str(n) for n in names]
+        names = parse_names(data.get("names"), str(y)) if isinstance(data, dict) else None
+        if names:
+            return names
     raise UserError(f"{src}: no classes.txt and no YAML with 'names' found")
 
 
