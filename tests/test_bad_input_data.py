@@ -213,6 +213,30 @@ def test_truncated_jpeg_is_corrupt_not_grey_chips(capsys, airbus_dir, tmp_path):
     assert victim.stem not in {im["source_image"] for im in coco_json(out)["train"]["images"]}
 
 
+def test_image_truncated_after_reading_is_counted_while_tiling(capsys, airbus_dir, tmp_path, monkeypatch):
+    """The same budget holds for an image that breaks between the reader's check and the tiling."""
+    import rsdet_compress.data.prepare as prepare_module
+    src, _ = airbus(tmp_path / "airbus", airbus_dir, n=3)
+    victim = sorted((src / "train").iterdir())[0]
+    real = prepare_module._read_image
+
+    def truncate_then_read(path):
+        if path == victim:
+            path.write_bytes(path.read_bytes()[:50_000])
+        return real(path)
+
+    monkeypatch.setattr(prepare_module, "_read_image", truncate_then_read)
+    victim_bytes = victim.read_bytes()
+    run_error(capsys, prep("airbus", src, tmp_path / "out", *ALL_TRAIN), str(victim), "1 of 3")
+    assert_no_output(tmp_path, "out")
+    victim.write_bytes(victim_bytes)
+    cfg = tmp_path / "prep.yaml"
+    cfg.write_text("max_bad_images: 0.5\n")
+    printed = run_ok(capsys, prep("airbus", src, tmp_path / "out2", *ALL_TRAIN, "--config", cfg))
+    assert "1 x corrupt image skipped" in printed
+    assert victim.stem not in {im["source_image"] for im in coco_json(tmp_path / "out2")["train"]["images"]}
+
+
 # ---------------------------------------------------------------- 5. silently broken prepare
 
 @pytest.mark.parametrize("split,needle", [("nan,0.5,0.5", "--split"), ("0,0.5,0.5", "train"),
