@@ -225,8 +225,11 @@ def _check_result(summary: PrepareSummary, ds: DetectionSet, cfg: PrepareConfig,
                         + (f"; {why}" if why else "") + "): nothing to train on")
     for s, f in zip(SPLITS, cfg.split):
         if f > 0 and not summary.tiles[s]:
-            raise UserError(f"split '{s}': no chips written ({summary.sources[s]} source images; "
-                            f"{summary.warnings['corrupt image skipped']} corrupt images skipped)")
+            why = (f"; {summary.warnings['corrupt image skipped']} corrupt image(s) skipped"
+                   if summary.warnings["corrupt image skipped"] else "")
+            if s == "train":
+                why += f"; chips without boxes are kept only at --keep-empty {cfg.keep_empty}"
+            raise UserError(f"split '{s}': no chips written from its {summary.sources[s]} source image(s){why}")
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareSummary:
