@@ -253,6 +253,17 @@ def test_empty_val_split_is_an_error_naming_it(capsys, kit_dir, tmp_path):
     assert_no_output(tmp_path, "out")
 
 
+def test_split_left_without_chips_is_an_error(capsys, kit_dir, tmp_path):
+    from rsdet_compress.data.split import split_sources
+    names = ("MOS155", "MOS156", "MOS157")
+    src = kit(tmp_path / "kit", kit_dir, names=names)
+    train = [n for n, s in split_sources(list(names), (0.8, 0.1, 0.1), 0).items() if s == "train"]
+    (src / "labels" / f"{train[0]}.txt").write_text("")  # the train scene has no boxes, and none are kept
+    run_error(capsys, prep("yolo", src, tmp_path / "out", "--keep-empty", "0"),
+              "split 'train'", "1 source image", "--keep-empty 0")
+    assert_no_output(tmp_path, "out")
+
+
 def test_yolo_pixel_coordinates_refused(capsys, kit_dir, tmp_path):
     src = kit(tmp_path / "kit", kit_dir)
     label = src / "labels" / "MOS155.txt"
