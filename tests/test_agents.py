@@ -12,6 +12,7 @@ from rsdet_compress.search.agents import AGENTS, ABCPAgent, AJPQAgent, DDPGConfi
 from rsdet_compress.search.agents.ddpg import truncated_normal
 from rsdet_compress.search.agents.exploration import logit_normal
 from rsdet_compress.search.agents.replay import ReplayBuffer
+from rsdet_compress.search.statefile import load_state, save_state
 
 torch.set_num_threads(1)
 
@@ -230,11 +231,11 @@ def test_resume_is_exact(make, env_args, first, tmp_path):
     agent = make(0)
     run(agent, env, first)
     state = agent.state_dict()
-    torch.save(state, tmp_path / "agent.pt")
+    save_state(tmp_path / "agent.pt", state)  # the search checkpoint's format: plain data, no pickled objects
     _, want = run(agent, env, 4, start=first)  # the buffer (5 episodes) wraps: overwriting is resumed too
     for source in ("file", "memory"):  # in memory: the dict must be a copy, not views the agent kept training
         resumed = make(123)
-        resumed.load_state_dict(torch.load(tmp_path / "agent.pt", weights_only=False) if source == "file" else state)
+        resumed.load_state_dict(load_state(tmp_path / "agent.pt") if source == "file" else state)
         _, got = run(resumed, env, 4, start=first)
         assert np.array_equal(got, want), source
         # bitwise: networks and target networks, optimiser moments, replay buffer, baseline, sigma, RNG states

@@ -13,3 +13,22 @@ def comma_list(kind: Callable[[str], object], name: str) -> Callable[[str], tupl
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {name}, got {text!r}") from None
     return parse
+
+
+def add_trust_weights(p: argparse.ArgumentParser) -> None:
+    """``--trust-weights`` on a command that loads weights (see ``detectors.registry.trusted_weights``)."""
+    p.add_argument("--trust-weights", action="store_true",
+                   help="fully unpickle weights files the restricted loader refuses; such a file can run code "
+                        "when loaded, so only for files you made or trust")
+
+
+def trust_scope(args: argparse.Namespace):
+    """The context a command runs in: ``trusted_weights()`` (announced on stderr) when ``--trust-weights`` is given."""
+    import contextlib
+    import sys
+    if not getattr(args, "trust_weights", False):
+        return contextlib.nullcontext()
+    from rsdet_compress.detectors.registry import trusted_weights
+    print("warning: --trust-weights: weights files are fully unpickled; a crafted file runs its code on load",
+          file=sys.stderr)
+    return trusted_weights()

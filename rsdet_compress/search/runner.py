@@ -10,29 +10,34 @@ candidate. Nothing is lost and nothing is logged twice.
 from __future__ import annotations
 
 import json
-import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from rsdet_compress.atomic import write_json, write_text
 from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.cost import estimate
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
+from rsdet_compress.detectors.registry import check_classes
 from rsdet_compress.errors import UserError
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import CompressEnv, EnvConfig
 from rsdet_compress.search.evaluation import CandidateEvaluator, train_subsets
-from rsdet_compress.search.logbook import Logbook, candidate_record, check_store
+from rsdet_compress.search.logbook import Logbook, candidate_record
 from rsdet_compress.search.report import plot_searches, summary_row
 from rsdet_compress.search.rewards import get_reward
 from rsdet_compress.search.searchers import SEARCHERS, make_searcher
+from rsdet_compress.search.statefile import load_state, save_state
 from rsdet_compress.settings import runs_root
-from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT
+from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, check_store
 
 METRICS = ("map50", "map50_95")
+#: what an MLflow run id looks like (32 hex digits; letters, digits, - and _ allowed): never a path
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass
@@ -84,12 +89,6 @@ def _state_dir(run_id: str) -> Path:
     return runs_root() / "search" / run_id
 
 
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def _check(cfg: SearchConfig) -> Budget:
     if cfg.agent not in SEARCHERS:
         raise UserError(f"unknown agent {cfg.agent!r}; choose one of {', '.join(SEARCHERS)}")
@@ -97,7 +96,10 @@ def _check(cfg: SearchConfig) -> Budget:
     if cfg.metric not in METRICS:
         raise UserError(f"unknown reward metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
     if cfg.episodes < 1:
-        raise UserError("--episodes must be >= 1")
+        raise UserError(f"--episodes must be >= 1, got {cfg.episodes}")
+    for flag, n in (("--calib-images", cfg.calib_images), ("--reward-images", cfg.reward_images)):
+        if n < 1:
+            raise UserError(f"{flag} must be >= 1, got {n}")
     if cfg.channel_multiple < 1:
         raise UserError(f"--channel-multiple must be >= 1, not {cfg.channel_multiple}")
     if not cfg.weights or not Path(cfg.weights).is_file():
@@ -112,24 +114,27 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     state = None
     if not resume:  # cheap argument checks first: bad input fails before MLflow or the model is touched
         _check(SearchConfig(**{**asdict(config or SearchConfig()), **overrides}))
-    uri = check_store(tracking_uri)
-    if resume:
+    if resume:  # the checkpoint is read (as plain data) before the store or the model is touched
+        if not _RUN_ID.fullmatch(resume):
+            raise UserError(f"--resume {resume!r}: not a run id (letters, digits, - and _ only)")
         path = _state_dir(resume) / "state.pt"
         if not path.is_file():
             raise UserError(f"--resume {resume}: no search checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = SearchConfig(**{**state["config"], **{k: v for k, v in overrides.items() if k == "episodes" and v}})
+        state = load_state(path)
+        if not isinstance(state.get("config"), dict) or set(state["config"]) - set(SearchConfig.__dataclass_fields__):
+            raise UserError(f"{path}: not a search checkpoint of this rsdet-compress (field 'config')")
+        # episodes=None means "the search's own count"; 0 is a value, and an error (checked below)
+        cfg = SearchConfig(**{**state["config"],
+                              **{k: v for k, v in overrides.items() if k == "episodes" and v is not None}})
     else:
         cfg = config or SearchConfig()
         cfg = SearchConfig(**{**asdict(cfg), **overrides})
     budget = _check(cfg)
+    uri = check_store(tracking_uri)
     torch.manual_seed(cfg.seed)
 
     ws = Workspace.from_weights(cfg.weights)
-    names = load_data_config(cfg.data).names
-    if ws.meta.get("num_classes") not in (None, len(names)):
-        raise UserError(f"{cfg.weights}: weights detect {ws.meta['num_classes']} classes, "
-                        f"{cfg.data} has {len(names)}; search with weights trained on this data set")
+    check_classes(ws.meta, load_data_config(cfg.data).names, cfg.weights, cfg.data)
     calib, reward_set = train_subsets(cfg.data, ws.view.imgsz, cfg.calib_images, cfg.reward_images, cfg.seed)
     ws.grad_set = calib
     scores = ws.scores(cfg.criterion)
@@ -183,7 +188,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         if best:
             book.update_parent({"best_reward": best["metrics"]["reward"], f"best_{cfg.metric}": best["metrics"][cfg.metric],
                                 "best_compression_ratio": best["metrics"]["compression_ratio"]}, step=episode)
-        _save_state(out_dir / "state.pt", {
+        save_state(out_dir / "state.pt", {
             "config": asdict(cfg), "searcher": searcher.state_dict(), "pending": book.pending,
             "records": records, "best": best, "next_episode": episode + 1, "wall_seconds": time.perf_counter() - t0,
             "eval_seconds": list(evaluator.seconds)})
@@ -196,7 +201,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     mean_eval = sum(evaluator.seconds) / len(evaluator.seconds) if evaluator.seconds else None
     ratio = mean_eval / forward_s if mean_eval and forward_s > 0 else None
     artifacts = list(book_artifacts)
-    (out_dir / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_text(out_dir / "candidates.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     artifacts.append(plot_searches({cfg.agent: records}, out_dir / "pareto.png", cfg.metric))
     artifacts.append(out_dir / "candidates.jsonl")
     best_policy = None
@@ -207,9 +212,8 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         best_policy.save(out_dir / "best_policy.json")
         artifacts.append(out_dir / "best_policy.json")
     row = summary_row(cfg.agent, records, cfg.metric)
-    (out_dir / "summary.json").write_text(json.dumps({**row, "wall_seconds": wall, "eval_ratio": ratio,
-                                                      "forward_seconds": forward_s, "mean_eval_seconds": mean_eval},
-                                                     indent=2))
+    write_json(out_dir / "summary.json", {**row, "wall_seconds": wall, "eval_ratio": ratio,
+                                          "forward_seconds": forward_s, "mean_eval_seconds": mean_eval})
     artifacts.append(out_dir / "summary.json")
     book.update_parent({"wall_seconds": wall, "eval_ratio": ratio or 0.0}, step=cfg.episodes)
     if not book.finish(artifacts, fallback=out_dir / "pending.jsonl"):
