@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rsdet_compress.cli import comma_list
+from rsdet_compress.atomic import write_json
+from rsdet_compress.cli import add_trust_weights, comma_list
 from rsdet_compress.errors import UserError
 
 
@@ -26,6 +28,7 @@ def add_benchmark(sub) -> None:
     p.add_argument("--out", help="also write the rows as JSON here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-track", dest="track", action="store_false", help="do not log to MLflow")
+    add_trust_weights(p)
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
@@ -45,10 +48,19 @@ def run_benchmark(args: argparse.Namespace) -> None:
     for a in artifacts:  # every file checked before any timing starts
         if not Path(a).is_file():
             raise UserError(f"{a}: model file not found")
+    tracker = Tracker(enabled=args.track).check()  # a dead store: one line in seconds, before any timing
     rows = benchmark(artifacts, cfg)
     info = machine(cfg.threads)
     result = {"machine": info, "config": asdict(cfg), "rows": [asdict(r) for r in rows]}
-    tracker = Tracker(enabled=args.track)
+    if args.out:  # the result first: logging may still fail, it must not cost the measurements
+        write_json(args.out, result)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(format_rows(rows))
+        print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}, "
+              f"onnxruntime {info['onnxruntime']}" + (f", {info['gpu']}" if "gpu" in info else "")
+              + f"; {cfg.runs} runs after {cfg.warmup} warm-up", flush=True)
     with tracker.run("benchmark", params={"models": ", ".join(Path(a).name for a in artifacts), **info,
                                           "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup},
                      tags={"stage": "benchmark"}):
@@ -59,15 +71,5 @@ def run_benchmark(args: argparse.Namespace) -> None:
                                  f"{key}.img_per_s": r.throughput, f"{key}.speedup": r.speedup,
                                  f"{key}.speedup_vs_fp32_onnx": r.speedup_vs_fp32_onnx})
         tracker.log_dict(result, "latency.json")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(format_rows(rows))
-    print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}, onnxruntime {info['onnxruntime']}"
-          + (f", {info['gpu']}" if "gpu" in info else "") + f"; {cfg.runs} runs after {cfg.warmup} warm-up")
+    if tracker.warning():
+        print(tracker.warning(), file=sys.stderr)

@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rsdet_compress.cli import add_trust_weights
 from rsdet_compress.errors import UserError
 
 
@@ -22,6 +23,7 @@ def add_export(sub) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the newest the exporter writes)")
     p.add_argument("--batch", type=int, default=16, help="evaluation batch size")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_trust_weights(p)
 
 
 def _row(r: dict) -> str:
@@ -54,7 +56,8 @@ def run_export(args: argparse.Namespace) -> None:
         target = out / default_out(args.weights, fmt, args.round8).name if out is not None and len(formats) > 1 \
             else out
         r = export(args.weights, fmt, out=target, data=args.data, split=args.split, calib_images=args.calib_images,
-                   tolerance=args.tolerance, round8=args.round8, opset=args.opset or DEFAULT_OPSET,
+                   tolerance=args.tolerance, round8=args.round8,
+                   opset=DEFAULT_OPSET if args.opset is None else args.opset,
                    batch=args.batch)
         reports.append(r)
         if not args.json:

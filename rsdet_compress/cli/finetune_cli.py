@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from rsdet_compress.cli import add_trust_weights
+
 
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="QAT fine-tune a compressed checkpoint, keeping its pruned shapes and bits")
@@ -21,12 +23,13 @@ def add_finetune(sub) -> None:
     p.add_argument("--out")
     p.add_argument("--parent-run", help="MLflow run to log under (default: the search run in the policy)")
     p.add_argument("--no-track", dest="track", action="store_false", default=None, help="no MLflow logging")
+    add_trust_weights(p)
 
 
 def run_finetune(args: argparse.Namespace) -> None:
     from rsdet_compress.config import load_config, make_config
     from rsdet_compress.engine.finetune import FinetuneConfig, finetune
-    opts = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    opts = {k: v for k, v in vars(args).items() if k not in ("command", "config", "trust_weights")}
     cfg = load_config(args.config, FinetuneConfig, **opts) if args.config else make_config(FinetuneConfig, {}, **opts)
     r = finetune(cfg)
     b, f = r["before"], r["final"]

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from rsdet_compress.cli import comma_list
+from rsdet_compress.cli import add_trust_weights, comma_list, trust_scope
 from rsdet_compress.cli.benchmark_cli import add_benchmark, run_benchmark
 from rsdet_compress.cli.export_cli import add_export, run_export
 from rsdet_compress.cli.finetune_cli import add_finetune, run_finetune
@@ -55,6 +55,7 @@ def _add_train(sub) -> None:
     p.add_argument("--fraction", type=float)
     p.add_argument("--out")
     p.add_argument("--no-track", dest="track", action="store_false", default=None, help="no MLflow logging")
+    add_trust_weights(p)
 
 
 def _add_evaluate(sub) -> None:
@@ -68,6 +69,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-track", dest="track", action="store_false", help="do not log to MLflow")
     p.add_argument("--policy", help="also apply this policy and report float vs compressed side by side")
+    add_trust_weights(p)
 
 
 def _add_predict(sub) -> None:
@@ -85,6 +87,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--merge", default="nms", help="merge windows' boxes: nms | wbf (weighted box fusion)")
     p.add_argument("--full-pass", action="store_true", help="also run the whole image at reduced resolution")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    add_trust_weights(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="l1", help="l1 | l2 | bn_scale | taylor")
     p.add_argument("--imgsz", type=int)
     p.add_argument("--out", required=True)
+    add_trust_weights(p)
     p = sub.add_parser("compress", help="apply a policy: a physically pruned, fake-quantized checkpoint")
     p.add_argument("--weights", required=True)
     p.add_argument("--policy", required=True)
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=64)
     p.add_argument("--round8", action="store_true",
                    help="round kept channel counts up to multiples of 8 (int8 kernel granularity) before applying")
+    add_trust_weights(p)
     sub.add_parser("models", help="list registered detectors")
     add_search(sub)
     add_finetune(sub)
@@ -121,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace, *skip: str) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in {"command", "data_command", "config", *skip}}
+    return {k: v for k, v in vars(args).items()
+            if k not in {"command", "data_command", "config", "trust_weights", *skip}}
 
 
 def _run_prepare(args) -> None:
@@ -194,15 +201,21 @@ def _run_evaluate(args) -> None:
         return
     from rsdet_compress.engine.scorer import evaluate
     from rsdet_compress.tracking.mlflow_tracker import Tracker
+    tracker = Tracker(enabled=args.track).check()  # a dead store: one line in seconds, before any work
     r = evaluate(args.weights, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, device=args.device)
-    tracker = Tracker(enabled=args.track)
+    _print_evaluation(r, args)  # the result first: logging may still fail, it must not cost the result
     with tracker.run(f"evaluate-{r['detector']}", params={"weights": args.weights, "data": args.data,
                                                           "split": args.split, "imgsz": r["imgsz"]},
                      tags={"stage": "evaluate"}):
         tracker.log_metrics({k: v for k, v in r.items() if not isinstance(v, dict)})
         tracker.log_dict(r, "evaluation.json")
+    if tracker.warning():
+        print(tracker.warning(), file=sys.stderr)
+
+
+def _print_evaluation(r: dict, args) -> None:
     if args.json:
-        print(json.dumps(r))
+        print(json.dumps(r), flush=True)
         return
     print(f"{r['detector']} on {args.split} ({r['images']} images at {r['imgsz']} px)")
     for k in ("map50", "map50_95", "ap_small", "ap_medium", "ap_large"):
@@ -212,27 +225,32 @@ def _run_evaluate(args) -> None:
         a50, a = ap["ap50"], ap["ap50_95"]
         print(f"  AP {name:20} 50: {'n/a' if a50 is None else f'{a50:.4f}'}  "
               f"50-95: {'n/a' if a is None else f'{a:.4f}'}")
-    print(f"  params {r['params']}  GFLOPs {r['gflops']}")
+    print(f"  params {r['params']}  GFLOPs {r['gflops']}", flush=True)
 
 
 def _run_predict(args) -> None:
     import warnings
 
     from rsdet_compress.engine.geo import GeoreferenceWarning
-    from rsdet_compress.engine.predictor import predict
+    from rsdet_compress.engine.predictor import SkippedImageWarning, predict
+    coco = None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", GeoreferenceWarning)
+            warnings.simplefilter("always", SkippedImageWarning)
             coco = predict(args.weights, args.source, args.out, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
                            device=args.device, slice_size=args.slice, overlap=args.overlap, merge=args.merge,
-                           full_pass=args.full_pass, batch=args.batch)
+                           full_pass=args.full_pass, batch=args.batch, overwrite=args.overwrite)
     finally:
         for w in caught:  # ours as one `warning: ...` line each, others as Python shows them
-            if issubclass(w.category, GeoreferenceWarning):
-                print(f"warning: {w.message}", file=sys.stderr)
+            if issubclass(w.category, (GeoreferenceWarning, SkippedImageWarning)):
+                if coco is not None:  # after a failure nothing was written: the error line alone says why
+                    print(f"warning: {w.message}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    print(f"{len(coco['annotations'])} detections in {len(coco['images'])} image(s) -> {args.out}")
+    skipped = len(coco["info"]["skipped"])
+    print(f"{len(coco['annotations'])} detections in {len(coco['images'])} image(s) -> {args.out}"
+          + (f"; {skipped} unreadable image(s) skipped (listed in detections.json info.skipped)" if skipped else ""))
 
 
 def _run_models(args) -> None:
@@ -249,7 +267,8 @@ COMMANDS = {"data": _run_prepare, "train": _run_train, "evaluate": _run_evaluate
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        with trust_scope(args):
+            COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code

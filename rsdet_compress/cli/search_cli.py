@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rsdet_compress.cli import add_trust_weights
 from rsdet_compress.errors import UserError
 
 
@@ -30,6 +31,7 @@ def add_search(sub) -> None:
     p.add_argument("--resume", metavar="RUN_ID", help="continue a killed search (same parent MLflow run)")
     p.add_argument("--out", help="also write the best policy here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_trust_weights(p)
 
 
 def add_compare(sub) -> None:
@@ -43,12 +45,13 @@ def run_search(args: argparse.Namespace) -> None:
     from rsdet_compress.search.runner import SearchConfig, search
     if args.resume:
         r = search(resume=args.resume, progress=not args.quiet,
-                   **({"episodes": args.episodes} if args.episodes else {}))
+                   **({"episodes": args.episodes} if args.episodes is not None else {}))
     else:
         if not args.weights or not args.data:
             raise UserError("search needs --weights and --data (or --resume RUN_ID)")
         cfg = SearchConfig(weights=args.weights, data=args.data, agent=args.agent,
-                           budget=args.budget or ["size=0.125"], episodes=args.episodes or 100, seed=args.seed,
+                           budget=args.budget or ["size=0.125"], seed=args.seed,
+                           episodes=100 if args.episodes is None else args.episodes,
                            reward=args.reward, metric=args.metric, criterion=args.criterion,
                            calib_images=args.calib_images, reward_images=args.reward_images, act_bits=args.act_bits,
                            channel_multiple=args.channel_multiple,
@@ -69,9 +72,10 @@ def run_search(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from rsdet_compress.search.logbook import check_store, load_search
+    from rsdet_compress.search.logbook import load_search
     from rsdet_compress.search.report import format_table, plot_searches, summary_row
     from rsdet_compress.settings import runs_root
+    from rsdet_compress.tracking.mlflow_tracker import check_store
     uri = check_store()
     searches, rows = {}, []
     for rid in args.run_ids:

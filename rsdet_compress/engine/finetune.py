@@ -20,6 +20,7 @@ distillation, LD). The sum, times ``distill``, is a fourth loss term ``kd``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,9 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.quant import QConv2d
 from rsdet_compress.data.config import load_data_config
-from rsdet_compress.detectors.registry import load_detector
+from rsdet_compress.detectors.registry import check_classes, load_detector
 from rsdet_compress.engine.trainer import DetectorTrainer, TrainConfig, _overrides
 from rsdet_compress.errors import UserError
 from rsdet_compress.tracking.mlflow_tracker import Tracker
@@ -84,6 +86,10 @@ class FinetuneConfig:
             raise UserError("no dataset given (--data DATA.yaml)")
         if self.epochs < 1 or self.batch < 1 or self.distill < 0:
             raise UserError("epochs and batch must be >= 1, distill >= 0")
+        if self.time is not None and self.time <= 0:
+            raise UserError(f"--time must be > 0 hours, got {self.time}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise UserError(f"--fraction must be in (0, 1], got {self.fraction}")
 
 
 def structure(model: nn.Module) -> dict[str, dict]:
@@ -168,14 +174,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from rsdet_compress.engine.scorer import evaluate
 
     cfg.check()
+    tracker = Tracker(cfg.experiment, enabled=cfg.track).check()  # a dead store fails here, not after training
     model, meta = load_detector(cfg.weights)
     policy = getattr(model, "policy", None)
     if not meta.get("compressed") or policy is None:
         raise UserError(f"{cfg.weights}: not a compressed checkpoint; apply a policy first (rsdet-compress compress)"
                         " or train it with rsdet-compress train")
     data = load_data_config(cfg.data)
-    if meta.get("num_classes") not in (None, len(data.names)):
-        raise UserError(f"{cfg.weights}: detects {meta['num_classes']} classes, {cfg.data} has {len(data.names)}")
+    check_classes(meta, data.names, cfg.weights, cfg.data)
     teacher_path = meta.get("float_weights", "") if cfg.teacher == "auto" else cfg.teacher
     if cfg.teacher == "auto" and not (teacher_path and Path(teacher_path).is_file()):
         raise UserError(f"{cfg.weights}: --teacher auto: the float weights it was compressed from "
@@ -191,7 +197,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     save_meta = {**{k: v for k, v in meta.items() if k not in ("detector", "num_classes", "names", "compressed")},
                  "finetuned_from": str(Path(cfg.weights).resolve()), "distilled_from": teacher_path or None}
     parent = cfg.parent_run or getattr(policy, "search_run", None)
-    tracker = Tracker(cfg.experiment, enabled=cfg.track)
     tags = {"stage": "finetune", "detector": meta.get("detector", "")}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -211,9 +216,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         result = {"weights": str(weights), "train_seconds": round(seconds, 1), "epochs_run": len(trainer.history),
                   "before": base, "final": final, "history": trainer.history, "mlflow_run_id": run_id,
                   "parent_run": parent, "structure_kept": True}
+        write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))  # before logging, which may fail
         scalar = {k: v for k, v in final.items() if not isinstance(v, dict)}
         tracker.log_metrics({"final": scalar, "before": {k: v for k, v in base.items() if not isinstance(v, dict)},
                              "train_seconds": seconds})
         tracker.log_artifact(weights, "weights")
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    if tracker.warning():
+        print(tracker.warning(), file=sys.stderr)
     return result

@@ -34,6 +34,17 @@ class LatencyConfig:
     devices: tuple[str, ...] = ("cpu", "cuda")  # cuda rows appear only where a GPU (or ORT CUDA provider) is
     seed: int = 0                      # the random input batch
 
+    def __post_init__(self) -> None:
+        """Bad values fail before any model is loaded; 0 is an error, never "the default"."""
+        from rsdet_compress.engine.scorer import check_imgsz
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise UserError(f"--batch sizes must be >= 1, got {','.join(map(str, self.batches))}")
+        if self.runs < 1 or self.warmup < 0:
+            raise UserError(f"--runs must be >= 1 and --warmup >= 0, got {self.runs} and {self.warmup}")
+        check_imgsz(self.imgsz)
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+
 
 @dataclass
 class LatencyRow:
@@ -92,7 +103,8 @@ def _ort_providers(devices: tuple[str, ...]) -> list[tuple[str, list[str]]]:
 
 
 def _imgsz(meta: dict, cfg: LatencyConfig) -> int:
-    size = cfg.imgsz or meta.get("imgsz") or (meta.get("policy") or {}).get("imgsz") or 640
+    size = cfg.imgsz if cfg.imgsz is not None else \
+        meta.get("imgsz") or (meta.get("policy") or {}).get("imgsz") or 640
     return int(size)
 
 
@@ -170,7 +182,7 @@ def machine(threads: int | None = None) -> dict:
 
     import onnxruntime as ort
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": threads or torch.get_num_threads(),
+            "threads": threads if threads is not None else torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -10,6 +10,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.engine.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator
+from rsdet_compress.errors import UserError
+
+#: every detector here downsamples by 32 at its deepest level: other sizes break the feature-map concats
+SIZE_MULTIPLE = 32
+
+
+def check_imgsz(imgsz: int | None, flag: str = "--imgsz") -> None:
+    """None (the model's own size) or a positive multiple of 32; 0 is an error, not "default"."""
+    if imgsz is not None and (imgsz < SIZE_MULTIPLE or imgsz % SIZE_MULTIPLE):
+        raise UserError(f"{flag} must be a positive multiple of {SIZE_MULTIPLE}, got {imgsz}")
+
+
+def check_batch(batch: int, flag: str = "--batch") -> None:
+    if batch < 1:
+        raise UserError(f"{flag} must be >= 1, got {batch}")
 
 
 def count_params(model: nn.Module) -> int:
@@ -37,12 +52,17 @@ def evaluate(weights: str | Path, data: str | Path, split: str = "val", imgsz: i
 
     Returns mAP@0.5, mAP@0.5:0.95, AP small/medium/large, per-class AP,
     parameters and GFLOPs at the evaluation size. ``imgsz`` defaults to the
-    size the checkpoint was trained at.
+    size the checkpoint was trained at. Weights whose classes are not the data
+    set's are refused (their scores would be silently wrong).
     """
+    from rsdet_compress.detectors.registry import check_classes
     from rsdet_compress.export.runtime import load_model
+    check_imgsz(imgsz)
+    check_batch(batch)
     model, meta = load_model(weights)  # checkpoints, ONNX (fp32/int8) and packed files alike
     cfg = load_data_config(data)
-    imgsz = int(imgsz or meta.get("imgsz") or 640)
+    check_classes(meta, cfg.names, weights, data)
+    imgsz = int(imgsz if imgsz is not None else meta.get("imgsz") or 640)
     evalset = EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz, max_images=max_images)
     model.to(device)
     metrics = Evaluator(evalset, conf=conf, iou=iou, batch=batch, device=device)(model)
@@ -61,9 +81,12 @@ def evaluate_policy(weights: str | Path, policy: str | Path, data: str | Path, s
     from rsdet_compress.compress.compressor import Workspace
     from rsdet_compress.compress.cost import estimate
     from rsdet_compress.compress.policy import Policy
+    from rsdet_compress.detectors.registry import check_classes
 
+    check_batch(batch)
     ws = Workspace.from_weights(weights)
     cfg = load_data_config(data)
+    check_classes(ws.meta, cfg.names, weights, data)
     imgsz = ws.view.imgsz
     ws.grad_set = calib = calibration_set(str(data), imgsz, calib_images)
     resolved = ws.resolve(Policy.load(policy), source=str(policy))

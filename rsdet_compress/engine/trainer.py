@@ -8,8 +8,8 @@ only our tracker logs.
 """
 from __future__ import annotations
 
-import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import torch  # noqa: E402
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 
+from rsdet_compress.atomic import write_json  # noqa: E402
 from rsdet_compress.data.config import DataConfig, load_data_config  # noqa: E402
 from rsdet_compress.detectors.registry import create_detector, save_detector  # noqa: E402
 from rsdet_compress.engine.augment import REPLACED_HYP, overhead_augmentations  # noqa: E402
@@ -83,8 +84,14 @@ class TrainConfig:
     def check(self) -> None:
         if self.augment not in ("overhead", "ultralytics"):
             raise UserError(f"augment must be 'overhead' or 'ultralytics', got {self.augment!r}")
-        if self.epochs < 1 or self.imgsz < 32 or self.batch < 1:
-            raise UserError("epochs, batch must be >= 1 and imgsz >= 32")
+        from rsdet_compress.engine.scorer import check_imgsz
+        if self.epochs < 1 or self.batch < 1:
+            raise UserError(f"--epochs and --batch must be >= 1, got {self.epochs} and {self.batch}")
+        check_imgsz(self.imgsz)  # the final evaluation needs the size the model trained at
+        if self.time is not None and self.time <= 0:
+            raise UserError(f"--time must be > 0 hours, got {self.time}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise UserError(f"--fraction must be in (0, 1], got {self.fraction}")
         if not self.data:
             raise UserError("no dataset given (--data DATA.yaml)")
 
@@ -142,7 +149,7 @@ def _overrides(cfg: TrainConfig, data: DataConfig, out: Path) -> dict:
              deterministic=True, device=cfg.device, workers=cfg.workers, fraction=cfg.fraction, val=cfg.val,
              project=str(out.parent.resolve()), name=out.name, exist_ok=True, plots=False,
              verbose=cfg.verbose, amp=cfg.device != "cpu")
-    if cfg.time:
+    if cfg.time is not None:
         o["time"] = cfg.time
     if cfg.augment == "overhead":
         o.update(REPLACED_HYP, augmentations=overhead_augmentations(scale=cfg.aug_scale))
@@ -159,13 +166,13 @@ def train(cfg: TrainConfig) -> dict:
 
     cfg.check()
     data = load_data_config(cfg.data)
+    tracker = Tracker(cfg.experiment, enabled=cfg.track).check()  # a dead store fails here, not after training
     model = create_detector(cfg.model, len(data.names), weights=cfg.weights, names=data.names)
     if cfg.device == "cpu":  # ultralytics uses channels_last on CUDA only; on CPU it is 1.5-2x faster too
         model = model.to(memory_format=torch.channels_last)
     out = Path(cfg.out)
     meta = {"imgsz": cfg.imgsz, "rescale": data.rescale, "tile": data.prep.get("tile"),
             "data": str(data.yaml_path.resolve()), "seed": cfg.seed}
-    tracker = Tracker(cfg.experiment, enabled=cfg.track)
     summary_json = data.yaml_path.parent / "summary.json"
     with tracker.run(f"train-{cfg.model}", params={**asdict(cfg), "data_prep": data.prep},
                      tags={"stage": "train", "detector": cfg.model}) as run_id:
@@ -178,10 +185,12 @@ def train(cfg: TrainConfig) -> dict:
         result = {"weights": str(weights), "train_seconds": round(seconds, 1),
                   "epochs_run": len(trainer.history), "final": final, "history": trainer.history,
                   "mlflow_run_id": run_id}
+        write_json(out / "metrics.json", result)  # the result first: logging below may fail, it must not cost this
         tracker.log_metrics({"final": {k: v for k, v in final.items() if not isinstance(v, dict)},
                              "train_seconds": seconds})
         tracker.log_artifact(weights, "weights")
         if summary_json.is_file():
             tracker.log_artifact(summary_json, "dataset")
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if tracker.warning():
+        print(tracker.warning(), file=sys.stderr)
     return result

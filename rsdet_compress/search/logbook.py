@@ -14,38 +14,17 @@ import json
 import time
 from pathlib import Path
 
+from rsdet_compress.atomic import write_text
 from rsdet_compress.errors import UserError
-from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, clean_key, default_tracking_uri, flatten
+from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, quiet_sqlite_logs, clean_key, flatten
 
 PARENT_TAG = "mlflow.parentRunId"
 
 
 def _client(uri: str):
-    import logging
-
     from mlflow import MlflowClient
-    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..." is noise
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_sqlite_logs()
     return MlflowClient(uri)
-
-
-def check_store(uri: str | None = None) -> str:
-    """The tracking URI, or a UserError if the store cannot be reached (before any work starts)."""
-    import os
-    uri = uri or default_tracking_uri()
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")  # fail fast here
-    try:
-        _client(uri).search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - any backend failure means "unreachable"
-        raise UserError(f"MLflow store {uri} is unreachable ({type(e).__name__}: {str(e)[:120]})") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return uri
 
 
 def candidate_record(cand, group_sizes: dict[str, int], stage: str = "") -> dict:
@@ -155,7 +134,7 @@ class Logbook:
             if ok:
                 fallback.unlink(missing_ok=True)
             else:
-                fallback.write_text("".join(json.dumps(r) + "\n" for r in self.pending))
+                write_text(fallback, "".join(json.dumps(r) + "\n" for r in self.pending))
         return ok
 
 

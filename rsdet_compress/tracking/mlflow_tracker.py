@@ -3,6 +3,15 @@
 The store defaults to a sqlite file under the runs folder, so ``mlflow ui
 --backend-store-uri sqlite:///runs/mlflow.db`` shows everything; set
 ``MLFLOW_TRACKING_URI`` to log elsewhere.
+
+Tracking must never cost a result, nor minutes of waiting: a command checks
+the store up front (:func:`check_store`, seconds, one error line) before any
+work, and a store that fails later (server gone mid-run) turns the
+remaining logging into no-ops and one warning (:attr:`Tracker.error`); the
+caller prints or writes its result first. mlflow's own HTTP defaults (7
+retries with exponential back-off, 120 s timeouts) would wait ~4 minutes per
+call on a dead server, so calls here run with short ones unless the user set
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``.
 """
 from __future__ import annotations
 
@@ -10,15 +19,21 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rsdet_compress.errors import UserError
 from rsdet_compress.settings import runs_root
 
 DEFAULT_EXPERIMENT = "rsdet-compress"
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
+_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+#: retries and seconds of the up-front check: a live store answers at once
+CHECK_HTTP = ("0", "10")
+#: retries and seconds of each logging call (unless the user set them): one blip survives, a dead server costs seconds
+LOG_HTTP = ("1", "10")
 
 
 def default_tracking_uri() -> str:
@@ -29,6 +44,49 @@ def default_tracking_uri() -> str:
     root = runs_root().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+@contextmanager
+def _http_limits(retries: str, timeout: str, force: bool) -> Iterator[None]:
+    """mlflow's HTTP retries/timeout for the calls inside (``force``: even over the user's own settings)."""
+    saved = {k: os.environ.get(k) for k in _HTTP_ENV}
+    for k, v in zip(_HTTP_ENV, (retries, timeout)):
+        if force or saved[k] is None:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def quiet_sqlite_logs() -> None:
+    import logging
+    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..." is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_store(uri: str | None = None) -> str:
+    """The tracking URI, or a one-line UserError within seconds if the store cannot be reached.
+
+    Every command that logs calls this before any work, so a dead server costs
+    seconds and no result (``search`` and ``compare``; ``train``/``evaluate``/
+    ``finetune``/``benchmark`` through :meth:`Tracker.check`).
+    """
+    from mlflow import MlflowClient
+    uri = uri or default_tracking_uri()
+    quiet_sqlite_logs()
+    try:
+        with _http_limits(*CHECK_HTTP, force=True):
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any backend failure means "unreachable"
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise UserError(f"MLflow store {uri} is unreachable ({type(e).__name__}: {reason}); "
+                        "fix MLFLOW_TRACKING_URI or pass --no-track") from None
+    return uri
 
 
 def clean_key(key: str) -> str:
@@ -51,20 +109,54 @@ def flatten(d: dict, prefix: str = "") -> dict:
 class Tracker:
     """Thin wrapper over the MLflow fluent API: one place that knows the store and experiment.
 
-    ``enabled=False`` turns every call into a no-op (for library use without a store).
+    ``enabled=False`` turns every call into a no-op (for library use without a
+    store). Logging failures never raise: the first one is kept in
+    :attr:`error` and the rest of the logging is skipped (each further call
+    would wait on the same dead store); callers print :meth:`warning`.
     """
 
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT, uri: str | None = None, enabled: bool = True):
         self.enabled = enabled
         self.uri = uri or default_tracking_uri()
         self.experiment = experiment
+        self.error: str | None = None
         self._ready = False
 
+    def check(self) -> Tracker:
+        """Before any work: a one-line UserError within seconds if the store is unreachable."""
+        if self.enabled:
+            check_store(self.uri)
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.error is None
+
+    def warning(self) -> str | None:
+        """One line for stderr when logging failed (None when it did not)."""
+        if self.error is None:
+            return None
+        return f"warning: MLflow logging to {self.uri} failed, the rest of this run was not logged ({self.error})"
+
+    def _call(self, fn: Callable, *args, **kwargs) -> Any:
+        """``fn(...)`` with short HTTP limits; on failure remember the error, skip all later calls, return None."""
+        if not self.active:
+            return None
+        try:
+            with _http_limits(*LOG_HTTP, force=False):
+                return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever the backend raises, the result comes first
+            text = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            self.error = f"{type(e).__name__}: {text}"
+            return None
+
     def _setup(self) -> None:
-        if self._ready or not self.enabled:
+        if self._ready or not self.active:
             return
         import mlflow
-        try:
+        quiet_sqlite_logs()
+
+        def setup() -> bool:
             mlflow.set_tracking_uri(self.uri)
             if mlflow.get_experiment_by_name(self.experiment) is None:
                 location = None
@@ -72,49 +164,53 @@ class Tracker:
                     location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
                 mlflow.create_experiment(self.experiment, artifact_location=location)
             mlflow.set_experiment(self.experiment)
-        except Exception as e:
-            raise UserError(f"MLflow store {self.uri} is unreachable ({type(e).__name__}: {str(e)[:100]})") from None
-        self._ready = True
+            return True
+        self._ready = bool(self._call(setup))
 
     @contextmanager
     def run(self, name: str, params: dict | None = None, tags: dict | None = None,
             nested: bool = False) -> Iterator[str | None]:
-        """Start a run (ended on exit, FAILED if an exception escapes); yields its id."""
-        if not self.enabled:
-            yield None
-            return
+        """Start a run (ended on exit, FAILED if an exception escapes); yields its id (None: not logging)."""
         self._setup()
         import mlflow
-        with mlflow.start_run(run_name=name, nested=nested, tags=tags) as run:
+        run = self._call(mlflow.start_run, run_name=name, nested=nested, tags=tags) if self._ready else None
+        if run is None:
+            yield None
+            return
+        status = "FAILED"
+        try:
             if params:
                 self.log_params(params)
             yield run.info.run_id
+            status = "FINISHED"
+        finally:
+            if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
+                try:
+                    with _http_limits(*LOG_HTTP, force=False):
+                        mlflow.end_run(status)  # pops the run before talking to the store
+                except Exception as e:  # noqa: BLE001
+                    self.error = self.error or f"{type(e).__name__}: {str(e).strip()[:120]}"
 
     def log_params(self, params: dict) -> None:
-        if not self.enabled:
-            return
         import mlflow
         flat = {clean_key(k): str(v)[:6000] for k, v in flatten(params).items()}
-        mlflow.log_params(flat)
+        self._call(mlflow.log_params, flat)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Log the numeric entries of ``metrics`` (None and non-numbers are skipped)."""
-        if not self.enabled:
-            return
         import mlflow
         flat = {clean_key(k): float(v) for k, v in flatten(metrics).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
         if flat:
-            mlflow.log_metrics(flat, step=step)
+            self._call(mlflow.log_metrics, flat, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        if self.enabled:
-            import mlflow
-            mlflow.log_artifact(str(path), artifact_path=folder)
+        import mlflow
+        self._call(mlflow.log_artifact, str(path), artifact_path=folder)
 
     def log_dict(self, data: dict, filename: str) -> None:
         """Store ``data`` as a JSON artifact named ``filename``."""
-        if not self.enabled:
+        if not self.active:
             return
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / filename
