@@ -24,10 +24,24 @@ def image_batches(evalset: EvalSet, batch: int = 16, device: str | torch.device 
 
 
 def calibration_set(data_yaml: str, imgsz: int, n_images: int = 64, split: str = "train") -> EvalSet:
-    """The first ``n_images`` chips of ``split`` (training data: never the reporting split), decoded once."""
+    """The first ``n_images`` chips of ``split`` (training data: never the reporting split), decoded once.
+
+    Never empty: calibrating on no images resets every BN to mean 0 / variance 1
+    and leaves activation ranges unmeasured, a broken model that looks fine.
+    """
     from rsdet_compress.data.config import load_data_config
+    check_calib_images(n_images)
     cfg = load_data_config(data_yaml)
-    return EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz, max_images=n_images)
+    calib = EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz, max_images=n_images)
+    if len(calib) == 0:
+        raise UserError(f"{data_yaml}: the '{split}' split has no images to calibrate on")
+    return calib
+
+
+def check_calib_images(n_images: int) -> None:
+    """``--calib-images`` must name at least one image (checked before any work)."""
+    if n_images < 1:
+        raise UserError(f"--calib-images must be >= 1, got {n_images}")
 
 
 @torch.no_grad()

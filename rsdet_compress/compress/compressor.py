@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from rsdet_compress.compress.apply import apply_policy
-from rsdet_compress.compress.calibration import accumulate_gradients, calibrate, calibration_set
+from rsdet_compress.compress.calibration import (accumulate_gradients, calibrate, calibration_set,
+                                                  check_calib_images)
 from rsdet_compress.compress.importance import importance_scores
 from rsdet_compress.compress.policy import Policy, fingerprint, resolve
 from rsdet_compress.compress.view import CompressibleView
@@ -92,6 +93,10 @@ def compress(weights: str | Path, policy: str | Path | Policy, out: str | Path, 
     kept channel counts up to multiples of 8 first (see ``compress.rounding``),
     so a later fine-tune trains the structure that gets deployed.
     """
+    if Path(out).is_dir():  # refused again by the atomic writer, but only after the whole compression
+        raise UserError(f"{out}: is a folder; give the compressed checkpoint's file name")
+    if data:
+        check_calib_images(calib_images)
     ws = Workspace.from_weights(weights)
     pol = policy if isinstance(policy, Policy) else Policy.load(policy)
     calib = calibration_set(str(data), ws.view.imgsz, calib_images) if data else None

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsdet_compress.atomic import write_text
 from rsdet_compress.errors import UserError
 
 SCHEMA = "rsdet-compress/policy"
@@ -92,13 +93,8 @@ class Policy:
         return cls(**body)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the JSON atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        """Write the JSON atomically (complete or absent, never half-written)."""
+        return write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Policy:

@@ -12,13 +12,14 @@ A raster without georeferencing still gets its GeoJSON, in pixel coordinates
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rsdet_compress.atomic import write_text
 
 
 class GeoreferenceWarning(UserWarning):
@@ -102,9 +103,5 @@ def to_geojson(dets: np.ndarray, names: list[str], georef: Georef | None, source
 
 
 def write_geojson(path: str | Path, fc: dict) -> Path:
-    """Write a FeatureCollection atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(fc))
-    os.replace(tmp, path)
-    return path
+    """Write a FeatureCollection atomically (complete or absent, never half-written)."""
+    return write_text(path, json.dumps(fc))

@@ -22,11 +22,9 @@ loads (float, compressed, ONNX, int8 ONNX).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import cv2
@@ -35,11 +33,14 @@ import torch
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
+from rsdet_compress.atomic import staged_dir, write_json  # noqa: E402
+from rsdet_compress.data.imageio import CorruptImage  # noqa: E402
 from rsdet_compress.data.record import IMAGE_SUFFIXES, list_images  # noqa: E402
 from rsdet_compress.data.tiling import Tile  # noqa: E402
 from rsdet_compress.engine.evalset import letterbox  # noqa: E402
 from rsdet_compress.engine.geo import georef_of, to_geojson, write_geojson  # noqa: E402
 from rsdet_compress.engine.slicer import SceneReader, SliceOptions, detect_chips, predict_sliced  # noqa: E402
+from rsdet_compress.engine.scorer import check_imgsz  # noqa: E402
 from rsdet_compress.errors import UserError  # noqa: E402
 
 #: largest inference side when sizing from the image (a 10k scene needs slicing, not one pass).
@@ -147,27 +148,62 @@ def _write_drawing(reader: SceneReader, dets: np.ndarray, names: list[str], fold
         ext = ".jpg"
     scaled = dets.copy()
     scaled[:, :4] *= scale
-    cv2.imwrite(str(folder / f"{f.stem}{ext}"), draw(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), scaled, names))
+    target = folder / f"{f.stem}{ext}"
+    if not cv2.imwrite(str(target), draw(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), scaled, names)):
+        raise UserError(f"{target}: cannot write the drawn image")  # cv2 reports failure only by its return value
     return scale
+
+
+class SkippedImageWarning(UserWarning):
+    """An unreadable or truncated image in a folder, left out of the results (listed in ``info.skipped``)."""
+
+
+def _predict_one(model, f: Path, image_id: int, folder: Path, names: list[str], base: SliceOptions,
+                 model_size: int, imgsz: int | None, progress: bool) -> tuple[dict, np.ndarray]:
+    """Detections of one image, its drawing (and GeoJSON) written to ``folder``; (COCO image entry, detections).
+
+    A corrupt file raises :class:`CorruptImage` before anything of it is written.
+    """
+    rescale = base.rescale
+    with SceneReader(f) as reader:
+        h, w = reader.height, reader.width
+        entry = {"id": image_id, "file_name": f.name, "path": str(f), "width": w, "height": h}
+        size = plan_slice(h, w, rescale, model_size, imgsz, base.slice_size, reader.decoded)
+        if size is not None:
+            opts = dataclasses.replace(base, slice_size=size)
+            dets, tiles = predict_sliced(model, reader, opts, progress)
+            entry["sliced"] = {"slice": size, "window": round(size / rescale), "overlap": base.overlap,
+                               "tiles": tiles, "merge": base.merge, "full_pass": base.full_pass}
+        else:
+            entry["inference_size"] = imgsz if imgsz is not None else inference_size(h, w, rescale, base.stride)
+            dets = detect(model, reader.read(Tile(0, 0, w, h)), entry["inference_size"], base.conf, base.iou)
+        scale = _write_drawing(reader, dets, names, folder)
+        if scale != 1.0:
+            entry["preview_scale"] = round(scale, 6)
+        georef = georef_of(reader.transform, reader.crs, reader.gcps)
+        if georef is not None or f.suffix.lower() in _TIFF:
+            write_geojson(folder / f"{f.stem}.geojson", to_geojson(dets, names, georef, str(f)))
+    return entry, dets
 
 
 def predict(weights: str | Path, source: str | Path, out: str | Path, imgsz: int | None = None,
             conf: float = 0.25, iou: float = 0.7, device: str = "cpu", slice_size: int | None = None,
             overlap: float = 0.2, merge: str = "nms", full_pass: bool = False, batch: int = 8,
-            progress: bool = True) -> dict:
+            progress: bool = True, overwrite: bool = False) -> dict:
     """Detect objects in an image or a folder; write drawn images, ``detections.json`` and GeoJSON to ``out``.
 
     ``slice_size`` (model-input pixels, at the training scale) forces sliced
     inference with windows overlapping by ``overlap``, ``batch`` windows per
     forward pass, merged by ``merge`` (``nms`` or ``wbf``), plus a full-image
     pass at reduced resolution with ``full_pass``. The output folder is
-    assembled in a temporary sibling and moved in place at the end, so an
-    interrupted run leaves no partial results behind. Returns the COCO-style dict.
+    assembled in a hidden sibling and renamed into place at the end
+    (:func:`rsdet_compress.atomic.staged_dir`), so an interrupted run leaves no
+    partial results behind; an existing ``out`` is refused unless ``overwrite``,
+    and ``out`` may not be or lie inside ``source``. Returns the COCO-style dict.
     """
     base = SliceOptions(slice_size=slice_size, overlap=overlap, batch=batch, conf=conf, iou=iou,
                         merge=merge, full_pass=full_pass)  # checks the flags before any work
-    if imgsz is not None and imgsz < 1:
-        raise UserError(f"--imgsz must be >= 1, got {imgsz}")
+    check_imgsz(imgsz)
     files = _sources(Path(source))
     model, meta = load_model(weights)
     if isinstance(model, torch.nn.Module):
@@ -178,38 +214,24 @@ def predict(weights: str | Path, source: str | Path, out: str | Path, imgsz: int
     stride = int(max(torch.as_tensor(stride).flatten().tolist())) if stride is not None else 32
     base = dataclasses.replace(base, rescale=rescale, stride=max(1, stride))
     model_size = model_input_size(meta)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     coco = {"images": [], "annotations": [],
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
             "info": {"weights": str(weights), "conf": conf, "iou": iou, "rescale": rescale}}
-    try:
-        for image_id, f in enumerate(files, start=1):
-            with SceneReader(f) as reader:
-                h, w = reader.height, reader.width
-                entry = {"id": image_id, "file_name": f.name, "path": str(f), "width": w, "height": h}
-                size = plan_slice(h, w, rescale, model_size, imgsz, slice_size, reader.decoded)
-                if size is not None:
-                    opts = dataclasses.replace(base, slice_size=size)
-                    dets, tiles = predict_sliced(model, reader, opts, progress)
-                    entry["sliced"] = {"slice": size, "window": round(size / rescale), "overlap": overlap,
-                                       "tiles": tiles, "merge": merge, "full_pass": full_pass}
-                else:
-                    entry["inference_size"] = imgsz or inference_size(h, w, rescale, base.stride)
-                    dets = detect(model, reader.read(Tile(0, 0, w, h)), entry["inference_size"], conf, iou)
-                _coco_rows(coco, image_id, dets, names)
-                scale = _write_drawing(reader, dets, names, tmp)
-                if scale != 1.0:
-                    entry["preview_scale"] = round(scale, 6)
-                georef = georef_of(reader.transform, reader.crs, reader.gcps)
-                if georef is not None or f.suffix.lower() in _TIFF:
-                    write_geojson(tmp / f"{f.stem}.geojson", to_geojson(dets, names, georef, str(f)))
-                coco["images"].append(entry)
-        (tmp / "detections.json").write_text(json.dumps(coco, indent=1))
-        out.mkdir(exist_ok=True)
-        for p in sorted(tmp.iterdir(), key=lambda p: p.name == "detections.json"):  # JSON last
-            os.replace(p, out / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    skipped = coco["info"]["skipped"] = []
+    with staged_dir(out, overwrite=overwrite, protect=(source, weights)) as tmp:
+        for f in files:
+            image_id = len(coco["images"]) + 1
+            try:
+                entry, dets = _predict_one(model, f, image_id, tmp, names, base, model_size, imgsz, progress)
+            except CorruptImage as e:
+                if len(files) == 1:
+                    raise  # the one image asked for: an error, not an empty result
+                skipped.append({"path": str(f), "reason": str(e)})
+                warnings.warn(f"{e}; skipped", SkippedImageWarning, stacklevel=2)
+                continue
+            _coco_rows(coco, image_id, dets, names)
+            coco["images"].append(entry)
+        if not coco["images"]:
+            raise UserError(f"{source}: none of its {len(files)} images is readable ({skipped[0]['reason']})")
+        write_json(tmp / "detections.json", coco, indent=1)
     return coco

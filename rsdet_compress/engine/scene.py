@@ -2,18 +2,23 @@
 
 Used by sliced prediction (:mod:`rsdet_compress.engine.slicer`), so a 10k x 10k
 GeoTIFF never sits in memory whole; also carries the raster's georeferencing.
+
+Common photo formats (JPEG, PNG, BMP, WebP) are decoded by
+:mod:`rsdet_compress.data.imageio`, the decoder training chips were made with:
+same EXIF orientation rule, and a truncated file is refused
+(:class:`~rsdet_compress.data.imageio.CorruptImage`) instead of being inferred
+on as a grey or noisy bottom half.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from rsdet_compress.data.imageio import CorruptImage, image_size, read_image
 from rsdet_compress.data.tiling import Tile
-from rsdet_compress.errors import UserError
 
 #: images up to this many pixels (~120 MB as RGB) are decoded at once; larger ones window by window.
 FULL_DECODE_PIXELS = 40_000_000
@@ -41,7 +46,10 @@ class SceneReader:
         self._ds = self._full = None
         self._stretch: tuple[float, float] | None = None
         self.crs = self.transform = self.gcps = None
+        photo = self.path.suffix.lower() in _CV2_SUFFIXES
         try:
+            # complete and readable (a cut JPEG/PNG raises here), and its size as displayed
+            shown = image_size(self.path) if photo else None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -55,8 +63,10 @@ class SceneReader:
                 self._bands = [1] if ds.count < 3 else [1, 2, 3]
                 if ds.dtypes[0] != "uint8":
                     self._stretch = self._percentiles()
-                if self.width * self.height <= max_pixels:
+                # an EXIF-rotated photo: only the full decode applies the rotation its labels are drawn in
+                if self.width * self.height <= max_pixels or (shown is not None and shown != (ds.width, ds.height)):
                     self._full = self._small_decode()
+                    self.height, self.width = self._full.shape[:2]
             else:
                 self.height, self.width = self._full.shape[:2]
         except BaseException:
@@ -65,6 +75,8 @@ class SceneReader:
 
     def _pil_decode(self) -> np.ndarray:
         import sys
+        if self.path.suffix.lower() in _CV2_SUFFIXES:
+            return cv2.cvtColor(read_image(self.path), cv2.COLOR_BGR2RGB)
 
         from PIL import Image
         # PIL's own open: ultralytics wraps Image.open to pip-install a HEIF plugin on unknown files
@@ -75,13 +87,11 @@ class SceneReader:
                 with pil_open(self.path) as im:
                     return np.asarray(im.convert("RGB"))
         except (OSError, ValueError, SyntaxError, ImportError, Image.DecompressionBombError) as e:
-            raise UserError(f"{self.path}: unreadable image ({type(e).__name__})") from None
+            raise CorruptImage(f"{self.path}: unreadable image ({type(e).__name__})") from None
 
     def _small_decode(self) -> np.ndarray:
         if self.path.suffix.lower() in _CV2_SUFFIXES and self._stretch is None:
-            bgr = cv2.imread(str(self.path), cv2.IMREAD_COLOR)  # the decoder training chips were made with
-            if bgr is not None:
-                return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            return cv2.cvtColor(read_image(self.path), cv2.COLOR_BGR2RGB)  # the decoder training chips were made with
         return self._rio_read(None)
 
     def _percentiles(self) -> tuple[float, float]:
@@ -109,7 +119,7 @@ class SceneReader:
         try:
             data = self._ds.read(self._bands, window=window, out_shape=shape, resampling=Resampling.average)
         except RasterioIOError as e:
-            raise UserError(f"{self.path}: unreadable image data ({str(e)[:80]})") from None
+            raise CorruptImage(f"{self.path}: unreadable image data ({str(e)[:80]})") from None
         return self._to_rgb(data)
 
     @property

@@ -34,7 +34,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 from ultralytics.utils.nms import non_max_suppression  # noqa: E402
 
-from rsdet_compress.data.tiling import Tile, tile_grid  # noqa: E402
+from rsdet_compress.data.tiling import Tile, check_tile_count, tile_grid  # noqa: E402
 from rsdet_compress.engine.evalset import PAD_VALUE, letterbox  # noqa: E402
 from rsdet_compress.engine.scene import SceneReader  # noqa: E402
 from rsdet_compress.errors import UserError  # noqa: E402
@@ -46,16 +46,21 @@ MERGE_METHODS = ("nms", "wbf")
 RatioPad = tuple[tuple[float, float], tuple[float, float]]  # ((gain_y, gain_x), (pad_left, pad_top))
 
 
-def tile_windows(width: int, height: int, slice_size: int, overlap: float, rescale: float = 1.0) -> list[Tile]:
+def tile_windows(width: int, height: int, slice_size: int, overlap: float, rescale: float = 1.0,
+                 image: object = "") -> list[Tile]:
     """Windows (scene pixels) whose rescaled size is ``slice_size``, overlapping by ``overlap``.
 
     Same geometry as training chips (:func:`rsdet_compress.data.tiling.tile_grid`):
     every window has the same size and the last one of a row or column is
-    shifted inward to end at the border.
+    shifted inward to end at the border. More windows than
+    ``MAX_TILES_PER_IMAGE`` (``--overlap 0.999`` gives ~700k for a 0.76 MP
+    image) are refused by counting, before the list is built or a pixel read.
     """
     if slice_size < 1 or rescale <= 0:
         raise ValueError(f"slice_size and rescale must be positive, got {slice_size}, {rescale}")
-    return tile_grid(width, height, max(1, round(slice_size / rescale)), overlap)
+    window = max(1, round(slice_size / rescale))
+    check_tile_count(width, height, window, overlap, image=image, option="--overlap")
+    return tile_grid(width, height, window, overlap)
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -269,7 +274,7 @@ def predict_sliced(model, reader: SceneReader, opts: SliceOptions, progress: boo
     """Detections of the whole scene (N x 6 scene pixels, merged) and the number of windows run."""
     from tqdm import tqdm
     inp = opts.input_size
-    tiles = tile_windows(reader.width, reader.height, opts.slice_size, opts.overlap, opts.rescale)
+    tiles = tile_windows(reader.width, reader.height, opts.slice_size, opts.overlap, opts.rescale, reader.path)
     found, ids, cuts = [np.zeros((0, 6))], [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=bool)]
     done = 0
     with tqdm(total=len(tiles), desc=reader.path.name, unit="tile", disable=None if progress else True,

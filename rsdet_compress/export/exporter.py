@@ -31,7 +31,7 @@ from torch import nn
 
 from rsdet_compress.compress.rounding import CHANNEL_MULTIPLE, round_policy
 from rsdet_compress.errors import UserError
-from rsdet_compress.export.onnx import DEFAULT_OPSET, export_module, quantize_int8
+from rsdet_compress.export.onnx import DEFAULT_OPSET, check_opset, export_module, quantize_int8
 
 FORMATS = ("onnx", "onnx-int8", "packed")
 #: default artifact name: the weights' stem + this suffix
@@ -183,7 +183,9 @@ def export(weights: str | Path, format: str, out: str | Path | None = None, data
     ``|dmap50| > tolerance`` (default: the format's, see :data:`TOLERANCES`, and
     :data:`ONNX_QDQ_TOLERANCE` for an fp32 ONNX with quantized activations).
     """
-    from rsdet_compress.detectors.registry import load_detector, save_detector
+    from rsdet_compress.data.config import load_data_config
+    from rsdet_compress.detectors.registry import check_classes, load_detector, save_detector
+    from rsdet_compress.engine.scorer import check_batch
     from rsdet_compress.export.packed import fp32_bytes
     from rsdet_compress.export.runtime import load_model
     fmt = _check_format(format)
@@ -192,12 +194,15 @@ def export(weights: str | Path, format: str, out: str | Path | None = None, data
         raise UserError(f"{weights}: export starts from a PyTorch checkpoint (.pt), not an ONNX file")
     if tolerance is not None and tolerance < 0:
         raise UserError(f"--tolerance must be >= 0, got {tolerance}")
+    check_batch(batch)
+    check_opset(opset)
     model, meta = load_detector(weights)
     if fmt == "packed" and not meta.get("compressed"):
         raise UserError(f"{weights}: the packed format needs a compressed checkpoint (rsdet-compress compress)")
     policy = getattr(model, "policy", None)
     imgsz = int((policy.imgsz if policy is not None else 0) or meta.get("imgsz") or 640)
     data = _data_yaml(data, meta, weights)
+    check_classes(meta, load_data_config(data).names, weights, data)
     out = Path(out) if out else default_out(weights, fmt, round8)
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give the artifact's file path")

@@ -32,7 +32,6 @@ import copy
 import itertools
 import json
 import logging
-import os
 import tempfile
 import warnings
 from collections import Counter
@@ -44,6 +43,7 @@ import onnx
 import torch
 from torch import nn
 
+from rsdet_compress.atomic import atomic_path
 from rsdet_compress.compress.quant import FLOAT_BITS, ActQuantizer, QConv2d, fake_quant_weight
 from rsdet_compress.errors import UserError
 
@@ -177,22 +177,21 @@ def _set_meta(model: onnx.ModelProto, meta: dict) -> None:
 def _save_checked(model: onnx.ModelProto, out: Path) -> Path:
     """Check ``model`` and write it atomically (temp file in the same folder, then rename)."""
     onnx.checker.check_model(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # not mkstemp: that would leave the file 0600
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
     return out
+
+
+def check_opset(opset: int) -> None:
+    """An opset the exporter writes (checked before any work, and again at export)."""
+    if not 13 <= opset <= DEFAULT_OPSET:
+        raise UserError(f"opset {opset} not supported: give 13..{DEFAULT_OPSET}")
 
 
 def export_module(model: nn.Module, meta: dict, out: str | Path, imgsz: int, opset: int = DEFAULT_OPSET,
                   dynamic_batch: bool = True, act_qdq: bool = True, source: str = "") -> Path:
     """Export an in-memory detector (float or compressed) to ``out``; see the module docstring."""
-    if not 13 <= opset <= DEFAULT_OPSET:
-        raise UserError(f"opset {opset} not supported: give 13..{DEFAULT_OPSET}")
+    check_opset(opset)
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give the .onnx file's path")

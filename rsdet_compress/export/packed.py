@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from torch import nn
 
 from rsdet_compress.compress.quant import (FLOAT_BITS, MAX_INT_BITS, ActQuantizer, QConv2d, fake_quant_weight,
                                            quantized_weight)
+from rsdet_compress.atomic import write_bytes
 from rsdet_compress.errors import UserError
 from rsdet_compress.export.bnfold import fold, folded_state
 
@@ -199,20 +198,7 @@ def save_packed(weights: str | Path, out: str | Path) -> dict:
     head = zlib.compress(text, 9)
     digest = hashlib.sha256(head + payload).digest()
     prefix = PREFIX.pack(MAGIC, VERSION, len(head), len(payload), digest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(prefix)
-            f.write(head)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a deploy file is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(out, prefix + head + payload)
     size = out.stat().st_size
     fp32 = fp32_bytes(model)
     return {"path": str(out), "bytes": size, "fp32_bytes": fp32, "ratio": fp32 / size,
