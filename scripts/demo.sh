@@ -42,7 +42,7 @@ step "7/8 measured latency: fp32 ONNX vs int8 ONNX on onnxruntime, batch 1 and 8
 $RS benchmark --onnx $D/export/fp32.onnx $D/export/compressed.int8.onnx --runs 20 --out $D/latency.json
 step "8/8 sliced predict on an unseen scene (extras/) with the int8 model"
 scene=$(ls "$RSDET_DATA"/airbus-aircraft/extras/*.jpg | head -n 1)
-$RS predict --weights $D/export/compressed.int8.onnx --source "$scene" --out $D/predict
+$RS predict --weights $D/export/compressed.int8.onnx --source "$scene" --out $D/predict --overwrite
 echo
 .venv/bin/python scripts/demo_summary.py $D
 echo "MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///$(pwd)/runs/mlflow.db"
