@@ -6,6 +6,13 @@ Public API (the CLI ``rsdet-compress`` is a thin layer over these)::
 """
 from __future__ import annotations
 
+import os
+
+# ultralytics must never reach for the network (fonts, asset downloads, hub checks). Python runs this
+# package's __init__ before any of its submodules, so setting it here once covers every entry point
+# (CLI, library use, tests) before ultralytics is first imported; a value the user set is kept.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
 __version__ = "0.1.0"
 
 from rsdet_compress.errors import UserError  # noqa: E402

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from rsdet_compress.cli import add_trust_weights, comma_list, trust_scope
@@ -15,8 +14,6 @@ from rsdet_compress.cli.export_cli import add_export, run_export
 from rsdet_compress.cli.finetune_cli import add_finetune, run_finetune
 from rsdet_compress.cli.search_cli import add_compare, add_search, run_compare, run_search
 from rsdet_compress.errors import UserError
-
-os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
 def _add_prepare(sub) -> None:

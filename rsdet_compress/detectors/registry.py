@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import pickle
 import re
 from collections.abc import Callable, Iterator
@@ -31,8 +30,6 @@ from torch import nn
 
 from rsdet_compress.atomic import atomic_path
 from rsdet_compress.errors import UserError
-
-os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics must never try the network
 
 CHECKPOINT_FORMAT = "rsdet-compress"
 CHECKPOINT_VERSION = 1

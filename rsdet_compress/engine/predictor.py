@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -31,17 +30,15 @@ import cv2
 import numpy as np
 import torch
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-
-from rsdet_compress.atomic import staged_dir, write_json  # noqa: E402
-from rsdet_compress.data.imageio import CorruptImage  # noqa: E402
-from rsdet_compress.data.record import IMAGE_SUFFIXES, list_images  # noqa: E402
-from rsdet_compress.data.tiling import Tile  # noqa: E402
-from rsdet_compress.engine.evalset import letterbox  # noqa: E402
-from rsdet_compress.engine.geo import georef_of, to_geojson, write_geojson  # noqa: E402
-from rsdet_compress.engine.slicer import SceneReader, SliceOptions, detect_chips, predict_sliced  # noqa: E402
-from rsdet_compress.engine.scorer import check_imgsz  # noqa: E402
-from rsdet_compress.errors import UserError  # noqa: E402
+from rsdet_compress.atomic import staged_dir, write_json
+from rsdet_compress.data.imageio import CorruptImage
+from rsdet_compress.data.record import IMAGE_SUFFIXES, list_images
+from rsdet_compress.data.tiling import Tile
+from rsdet_compress.engine.evalset import letterbox
+from rsdet_compress.engine.geo import georef_of, to_geojson, write_geojson
+from rsdet_compress.engine.slicer import SceneReader, SliceOptions, detect_chips, predict_sliced
+from rsdet_compress.engine.scorer import check_imgsz
+from rsdet_compress.errors import UserError
 
 #: largest inference side when sizing from the image (a 10k scene needs slicing, not one pass).
 MAX_SIDE = 4096

@@ -21,7 +21,6 @@ larger than a window, as SAHI's "standard prediction" does.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,14 +29,12 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+from ultralytics.utils.nms import non_max_suppression
 
-from ultralytics.utils.nms import non_max_suppression  # noqa: E402
-
-from rsdet_compress.data.tiling import Tile, check_tile_count, tile_grid  # noqa: E402
-from rsdet_compress.engine.evalset import PAD_VALUE, letterbox  # noqa: E402
-from rsdet_compress.engine.scene import SceneReader  # noqa: E402
-from rsdet_compress.errors import UserError  # noqa: E402
+from rsdet_compress.data.tiling import Tile, check_tile_count, tile_grid
+from rsdet_compress.engine.evalset import PAD_VALUE, letterbox
+from rsdet_compress.engine.scene import SceneReader
+from rsdet_compress.errors import UserError
 
 #: a box within this many model-input pixels of an interior window border counts as cut by it.
 CUT_MARGIN = 2.0

@@ -8,23 +8,20 @@ only our tracker logs.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+import torch
+from ultralytics.models.yolo.detect import DetectionTrainer
 
-import torch  # noqa: E402
-from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
-
-from rsdet_compress.atomic import write_json  # noqa: E402
-from rsdet_compress.data.config import DataConfig, load_data_config  # noqa: E402
-from rsdet_compress.detectors.registry import create_detector, save_detector  # noqa: E402
-from rsdet_compress.engine.augment import REPLACED_HYP, overhead_augmentations  # noqa: E402
-from rsdet_compress.errors import UserError  # noqa: E402
-from rsdet_compress.tracking.mlflow_tracker import Tracker  # noqa: E402
+from rsdet_compress.atomic import write_json
+from rsdet_compress.data.config import DataConfig, load_data_config
+from rsdet_compress.detectors.registry import create_detector, save_detector
+from rsdet_compress.engine.augment import REPLACED_HYP, overhead_augmentations
+from rsdet_compress.errors import UserError
+from rsdet_compress.tracking.mlflow_tracker import Tracker
 
 
 @dataclass
