@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
+from rsdet_compress.textio import read_text
 
 T = TypeVar("T")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from rsdet_compress.data.record import list_images, parse_names
-from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
+from rsdet_compress.textio import read_text
 
 
 @dataclass

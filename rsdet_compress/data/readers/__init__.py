@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rsdet_compress.data.record import DetectionSet
-from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
+from rsdet_compress.textio import read_text
 
 Reader = Callable[..., DetectionSet]
 READERS: dict[str, Reader] = {}

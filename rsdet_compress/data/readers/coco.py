@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rsdet_compress.data.readers import register_reader
 from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, check_declared_size
-from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
+from rsdet_compress.textio import read_text
 
 
 def _find_json(src: Path) -> Path:

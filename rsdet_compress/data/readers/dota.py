@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rsdet_compress.data.readers import register_reader
 from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images
-from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
+from rsdet_compress.textio import read_text
 
 _HEADER_KEYS = ("imagesource:", "gsd:")
 

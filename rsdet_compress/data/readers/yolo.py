@@ -9,8 +9,8 @@ import yaml
 from rsdet_compress.data.readers import read_class_file, register_reader
 from rsdet_compress.data.record import (BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images,
                                        parse_names)
-from rsdet_compress.data.textio import read_text
 from rsdet_compress.errors import UserError
+from rsdet_compress.textio import read_text
 
 #: Class-name files (labelImg writes classes.txt into the labels folder: not an orphan label file).
 CLASS_FILES = ("classes.txt", "names.txt", "obj.names")
