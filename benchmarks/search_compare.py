@@ -29,8 +29,8 @@ from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.cost import estimate
 from rsdet_compress.config import load_config
 from rsdet_compress.data.config import load_data_config
+from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.data.prepare import PrepareConfig
-from rsdet_compress.engine.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator
 from rsdet_compress.engine.trainer import TrainConfig
 from rsdet_compress.search.budget import Budget

@@ -10,7 +10,7 @@ from rsdet_compress.compress.baselines import magnitude_pruning, uniform_bits
 from rsdet_compress.compress.calibration import calibration_set
 from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.data.config import load_data_config
-from rsdet_compress.engine.evalset import EvalSet
+from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator
 
 pytestmark = pytest.mark.slow

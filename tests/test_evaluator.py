@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsdet_compress.engine.evalset import EvalSet, letterbox
+from rsdet_compress.data.evalset import EvalSet
+from rsdet_compress.data.letterbox import letterbox
 from rsdet_compress.engine.evaluator import Evaluator, coco_metrics
 from rsdet_compress.errors import UserError
 

@@ -223,7 +223,7 @@ def test_cli_errors_exit_2(trained_yolov8n, small_airbus, tmp_path, capsys):
 def test_evaluator_scores_onnx_like_pytorch(float_onnx, trained_yolov8n, small_airbus):
     """The same Evaluator consumes OnnxDetector: identical detections up to float noise."""
     from rsdet_compress.data.config import load_data_config
-    from rsdet_compress.engine.evalset import EvalSet
+    from rsdet_compress.data.evalset import EvalSet
     from rsdet_compress.engine.evaluator import Evaluator
     cfg = load_data_config(small_airbus)
     ev = Evaluator(EvalSet.from_coco(cfg.split_coco("val"), cfg.split_images("val"), 320, max_images=12))

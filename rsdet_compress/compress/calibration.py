@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rsdet_compress.compress.quant import calibrate_activations
-from rsdet_compress.engine.evalset import EvalSet
+from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.errors import UserError
 
 

@@ -19,8 +19,8 @@ from rsdet_compress.compress.calibration import (accumulate_gradients, calibrate
 from rsdet_compress.compress.importance import importance_scores
 from rsdet_compress.compress.policy import Policy, fingerprint, resolve
 from rsdet_compress.compress.view import CompressibleView
+from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.detectors.registry import load_detector, save_detector
-from rsdet_compress.engine.evalset import EvalSet
 from rsdet_compress.errors import UserError
 
 

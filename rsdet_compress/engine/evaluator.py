@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from ultralytics.utils import ops
 from ultralytics.utils.nms import non_max_suppression
 
-from rsdet_compress.engine.evalset import EvalSet
+from rsdet_compress.data.evalset import EvalSet
 
 _AREAS = ("all", "small", "medium", "large")
 

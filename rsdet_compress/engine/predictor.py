@@ -32,12 +32,12 @@ import torch
 
 from rsdet_compress.atomic import staged_dir, write_json
 from rsdet_compress.data.imageio import CorruptImage
+from rsdet_compress.data.letterbox import letterbox
 from rsdet_compress.data.record import IMAGE_SUFFIXES, list_images
 from rsdet_compress.data.tiling import Tile
-from rsdet_compress.engine.evalset import letterbox
 from rsdet_compress.engine.geo import georef_of, to_geojson, write_geojson
-from rsdet_compress.engine.slicer import SceneReader, SliceOptions, detect_chips, predict_sliced
 from rsdet_compress.engine.scorer import check_imgsz
+from rsdet_compress.engine.slicer import SceneReader, SliceOptions, detect_chips, predict_sliced
 from rsdet_compress.errors import UserError
 
 #: largest inference side when sizing from the image (a 10k scene needs slicing, not one pass).

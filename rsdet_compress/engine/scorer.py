@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rsdet_compress.data.config import load_data_config
-from rsdet_compress.engine.evalset import EvalSet
+from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator
 from rsdet_compress.errors import UserError
 

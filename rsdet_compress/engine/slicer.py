@@ -31,8 +31,8 @@ from torchvision.ops import batched_nms, box_iou
 
 from ultralytics.utils.nms import non_max_suppression
 
+from rsdet_compress.data.letterbox import PAD_VALUE, letterbox
 from rsdet_compress.data.tiling import Tile, check_tile_count, tile_grid
-from rsdet_compress.engine.evalset import PAD_VALUE, letterbox
 from rsdet_compress.engine.scene import SceneReader
 from rsdet_compress.errors import UserError
 

@@ -100,7 +100,7 @@ def _calibration(data: Path, imgsz: int, n: int):
 
 def _evaluator(data: Path, split: str, imgsz: int, batch: int):
     from rsdet_compress.data.config import load_data_config
-    from rsdet_compress.engine.evalset import EvalSet
+    from rsdet_compress.data.evalset import EvalSet
     from rsdet_compress.engine.evaluator import Evaluator
     cfg = load_data_config(data)
     return Evaluator(EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz), batch=batch)

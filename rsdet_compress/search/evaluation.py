@@ -15,7 +15,7 @@ import torch
 from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
-from rsdet_compress.engine.evalset import EvalSet, load_coco
+from rsdet_compress.data.evalset import EvalSet, load_coco
 from rsdet_compress.engine.evaluator import Evaluator
 from rsdet_compress.errors import UserError
 
