@@ -23,9 +23,12 @@ __all__ = ["UserError", "create_detector", "list_detectors", "prepare", "train",
 
 def __getattr__(name: str):
     """Import heavy submodules (torch, ultralytics) only when their API is used."""
-    if name in ("create_detector", "list_detectors", "load_detector"):
+    if name in ("create_detector", "list_detectors"):
         from rsdet_compress.detectors import registry
         return getattr(registry, name)
+    if name == "load_detector":
+        from rsdet_compress.runtime.checkpoint import load_detector
+        return load_detector
     if name == "prepare":
         from rsdet_compress.data.prepare import prepare
         return prepare

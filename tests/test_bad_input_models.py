@@ -21,7 +21,9 @@ import torch
 from rsdet_compress.cli.main import main
 # Imported now (it imports ultralytics): ultralytics binds its log handler to the sys.stdout of the
 # moment it is first imported; inside a test that would be a capsys stream closed after the test.
-from rsdet_compress.detectors.registry import create_detector, load_detector, save_detector
+from rsdet_compress.detectors.checkpoint import save_detector
+from rsdet_compress.detectors.registry import create_detector
+from rsdet_compress.runtime.checkpoint import load_detector
 
 KIT_IMAGES = ["MOS155", "MOS156", "MOS157", "MOS158"]
 DEAD_STORE = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused

@@ -15,8 +15,10 @@ from rsdet_compress.compress.blocks import C2fExplicit, make_prunable
 from rsdet_compress.compress.policy import Policy, fingerprint, resolve
 from rsdet_compress.compress.quant import QConv2d
 from rsdet_compress.compress.view import CompressibleView
-from rsdet_compress.detectors.registry import create_detector, list_detectors, load_detector, save_detector
+from rsdet_compress.detectors.checkpoint import save_detector
+from rsdet_compress.detectors.registry import create_detector, list_detectors
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.checkpoint import load_detector
 
 torch.set_num_threads(1)
 IMGSZ = 256

@@ -13,8 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from rsdet_compress.detectors.registry import create_detector, list_detectors, load_detector, save_detector
+from rsdet_compress.detectors.checkpoint import save_detector
+from rsdet_compress.detectors.registry import create_detector, list_detectors
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.checkpoint import load_detector
 
 NC = 3
 NAMES = ["car", "truck", "bus"]

@@ -20,12 +20,13 @@ from rsdet_compress.compress.calibration import calibration_set
 from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.compress.quant import QConv2d
-from rsdet_compress.detectors.registry import load_detector, save_detector
+from rsdet_compress.detectors.checkpoint import save_detector
 from rsdet_compress.errors import UserError
 from rsdet_compress.export import exporter
 from rsdet_compress.export.exporter import INT8_TOLERANCE, ONNX_TOLERANCE, export
 from rsdet_compress.export.onnx import export_onnx
-from rsdet_compress.export.runtime import OnnxDetector, load_model
+from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.loader import OnnxDetector, load_model
 
 #: fp32 ONNX vs PyTorch on the decoded output: boxes are pixels at 320 px (measured max ~2e-4),
 #: scores are sigmoid probabilities (measured ~1e-6). Float reassociation only: anything larger is a bug.

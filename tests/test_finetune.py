@@ -11,8 +11,8 @@ from rsdet_compress.cli.main import main
 from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.cost import kept_channels
 from rsdet_compress.compress.policy import Policy
-from rsdet_compress.detectors.registry import load_detector
 from rsdet_compress.engine.finetune import DistillLoss, FinetuneConfig, finetune, structure
+from rsdet_compress.runtime.checkpoint import load_detector
 
 pytestmark = pytest.mark.slow
 

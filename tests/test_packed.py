@@ -18,11 +18,14 @@ from rsdet_compress.compress.calibration import calibration_set, image_batches
 from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.compress.quant import QConv2d, fake_quant_weight
-from rsdet_compress.detectors.registry import create_detector, load_detector, save_detector
+from rsdet_compress.detectors.checkpoint import save_detector
+from rsdet_compress.detectors.registry import create_detector
 from rsdet_compress.errors import UserError
 from rsdet_compress.export import packed as packed_mod
-from rsdet_compress.export.bnfold import fold, unit_var
-from rsdet_compress.export.packed import load_packed, pack_codes, save_packed, unpack_codes
+from rsdet_compress.export.packed import pack_codes, save_packed
+from rsdet_compress.runtime.bnfold import fold, unit_var
+from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.packed import load_packed, unpack_codes
 
 torch.set_num_threads(1)
 PREFIX_BYTES = 56  # docs/packed-format.md: magic 8, version 4, header_len 4, payload_len 8, sha256 32

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rsdet_compress.detectors.registry import load_detector
 from rsdet_compress.engine.trainer import TrainConfig, _is_integration, train
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.checkpoint import load_detector
 
 LOSSES = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
 

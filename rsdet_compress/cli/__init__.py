@@ -16,7 +16,7 @@ def comma_list(kind: Callable[[str], object], name: str) -> Callable[[str], tupl
 
 
 def add_trust_weights(p: argparse.ArgumentParser) -> None:
-    """``--trust-weights`` on a command that loads weights (see ``detectors.registry.trusted_weights``)."""
+    """``--trust-weights`` on a command that loads weights (see ``detectors.checkpoint.trusted_weights``)."""
     p.add_argument("--trust-weights", action="store_true",
                    help="fully unpickle weights files the restricted loader refuses; such a file can run code "
                         "when loaded, so only for files you made or trust")
@@ -28,7 +28,7 @@ def trust_scope(args: argparse.Namespace):
     import sys
     if not getattr(args, "trust_weights", False):
         return contextlib.nullcontext()
-    from rsdet_compress.detectors.registry import trusted_weights
+    from rsdet_compress.detectors.checkpoint import trusted_weights  # torch + ultralytics: only when asked for
     print("warning: --trust-weights: weights files are fully unpickled; a crafted file runs its code on load",
           file=sys.stderr)
     return trusted_weights()

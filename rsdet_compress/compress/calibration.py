@@ -11,8 +11,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from ultralytics.cfg import get_cfg
 
 from rsdet_compress.compress.quant import calibrate_activations
+from rsdet_compress.data.config import load_data_config
 from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.errors import UserError
 
@@ -29,7 +31,6 @@ def calibration_set(data_yaml: str, imgsz: int, n_images: int = 64, split: str =
     Never empty: calibrating on no images resets every BN to mean 0 / variance 1
     and leaves activation ranges unmeasured, a broken model that looks fine.
     """
-    from rsdet_compress.data.config import load_data_config
     check_calib_images(n_images)
     cfg = load_data_config(data_yaml)
     calib = EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz, max_images=n_images)
@@ -111,7 +112,6 @@ def accumulate_gradients(model: nn.Module, evalset: EvalSet, batch: int = 8) -> 
     gains). BN statistics are left untouched: the model runs in eval mode
     with gradients enabled. Existing gradients are cleared first.
     """
-    from ultralytics.cfg import get_cfg
     if len(evalset) == 0:
         raise UserError("no labelled training images to compute Taylor importance on")
     if not hasattr(model, "loss"):

@@ -18,9 +18,10 @@ from rsdet_compress.compress.calibration import (accumulate_gradients, calibrate
                                                   check_calib_images)
 from rsdet_compress.compress.importance import importance_scores
 from rsdet_compress.compress.policy import Policy, fingerprint, resolve
+from rsdet_compress.compress.rounding import round_policy
 from rsdet_compress.compress.view import CompressibleView
 from rsdet_compress.data.evalset import EvalSet
-from rsdet_compress.detectors.registry import load_detector, save_detector
+from rsdet_compress.detectors.checkpoint import load_float_detector, save_detector
 from rsdet_compress.errors import UserError
 
 
@@ -37,9 +38,7 @@ class Workspace:
 
     @classmethod
     def from_weights(cls, weights: str | Path, imgsz: int | None = None) -> Workspace:
-        model, meta = load_detector(weights)
-        if meta.get("compressed"):
-            raise UserError(f"{weights}: already compressed; start from the float weights")
+        model, meta = load_float_detector(weights)  # a compressed checkpoint is refused
         fp = fingerprint(model)  # before the view rewrites blocks (same weights, other names)
         view = CompressibleView(model, imgsz=int(imgsz or meta.get("imgsz") or 640))
         return cls(view, meta, fp, {})
@@ -104,7 +103,6 @@ def compress(weights: str | Path, policy: str | Path | Policy, out: str | Path, 
     resolved = ws.resolve(pol, source=str(policy) if not isinstance(policy, Policy) else "policy")
     rounding = None
     if round8:
-        from rsdet_compress.compress.rounding import round_policy
         resolved, rounding = round_policy(ws, resolved)
     model = ws.apply(resolved, calib, share_weights=False)
     meta = {**{k: v for k, v in ws.meta.items() if k not in ("detector", "num_classes", "names", "compressed")},

@@ -1,58 +1,21 @@
-"""Detector registry (timm style) and the checkpoint format.
+"""Detector registry (timm style): every detector the toolkit builds, by name.
 
 ``create_detector(name, num_classes, weights)`` builds any registered detector
-from code or its model YAML (nothing is downloaded); ``load_detector(path)``
-reloads what :func:`save_detector` wrote, or a local ultralytics ``.pt``.
-
-Our checkpoint is a plain dict of tensors and builtins (loadable with
-``torch.load(weights_only=True)``), always fp32, carrying the detector name
-so the structure is rebuilt from code, never from a pickled module.
-
-Nothing is ever fully unpickled unless the caller opts in: a ``.pt`` is a
-pickle, and a crafted one runs code the moment it is loaded. ultralytics
-checkpoints (which do pickle their modules) go through ultralytics' own
-restricted loader (``weights_only=True`` plus an allow-list built from the
-torch.nn and ultralytics.nn module classes the file names), and anything else
-is refused naming the offending global. :func:`trusted_weights` (the CLI's
-``--trust-weights``) is the explicit way out for files the user vouches for.
+from code or its model YAML (nothing is downloaded); ``@register_detector(name)``
+adds one. Reading and writing weights files is :mod:`rsdet_compress.detectors.checkpoint`.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import pickle
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import nn
+from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
-from rsdet_compress.atomic import atomic_path
+from rsdet_compress.detectors.skynet import SkyNet
 from rsdet_compress.errors import UserError
 
-CHECKPOINT_FORMAT = "rsdet-compress"
-CHECKPOINT_VERSION = 1
-
 DETECTORS: dict[str, Callable[[int], nn.Module]] = {}
-
-#: whether weights may be fully unpickled (set only through :func:`trusted_weights`)
-_TRUST = contextvars.ContextVar("rsdet_trust_weights", default=False)
-#: the global torch's restricted unpickler refused ("... GLOBAL posix.system ...")
-_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
-@contextlib.contextmanager
-def trusted_weights(enabled: bool = True) -> Iterator[None]:
-    """Within this block, weights files that the restricted loader refuses are fully unpickled.
-
-    Only for files the user made or vouches for: unpickling can run any code the file carries.
-    """
-    token = _TRUST.set(enabled)
-    try:
-        yield
-    finally:
-        _TRUST.reset(token)
 
 
 def register_detector(name: str) -> Callable:
@@ -69,7 +32,6 @@ def list_detectors() -> list[str]:
 
 
 def _from_yaml(cfg: str, num_classes: int) -> nn.Module:
-    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
     # nc set in the spec up front: otherwise ultralytics logs "Overriding model.yaml nc=..." to stdout,
     # which breaks `evaluate --json` (stdout must be one JSON object).
     spec = {**yaml_model_load(cfg), "nc": num_classes}
@@ -78,7 +40,6 @@ def _from_yaml(cfg: str, num_classes: int) -> nn.Module:
 
 @register_detector("skynet")
 def skynet(num_classes: int) -> nn.Module:
-    from rsdet_compress.detectors.skynet import SkyNet
     return SkyNet(nc=num_classes)
 
 
@@ -96,7 +57,7 @@ def create_detector(name: str, num_classes: int = 80, weights: str | Path | None
                     names: list[str] | None = None) -> nn.Module:
     """Build detector ``name`` for ``num_classes`` classes, optionally loading local ``weights``.
 
-    ``weights`` may be one of our checkpoints (must match exactly) or an
+    ``weights`` may be one of our float checkpoints (must match exactly) or an
     ultralytics ``.pt`` (tensors whose shapes match are transferred, as
     ultralytics does when fine-tuning from a pretrained model).
     """
@@ -108,149 +69,11 @@ def create_detector(name: str, num_classes: int = 80, weights: str | Path | None
     model.detector_name = name
     model.names = dict(enumerate(names)) if names else {i: str(i) for i in range(num_classes)}
     if weights is not None:
-        src, meta = load_detector(weights)
+        # checkpoint.py builds the models it loads through this registry, so it is imported at call time
+        from rsdet_compress.detectors.checkpoint import load_float_detector
+        src, meta = load_float_detector(weights)
         if meta.get("detector") == name and meta.get("num_classes") == num_classes:
             model.load_state_dict(src.state_dict())
         else:
             model.load(src, verbose=False)
     return model
-
-
-def save_detector(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
-    """Write ``model`` as an fp32 checkpoint (atomically: temp file, then rename)."""
-    path = Path(path)
-    names = getattr(model, "names", None) or {}
-    ckpt = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "detector": getattr(model, "detector_name", None),
-        "num_classes": int(model.model[-1].nc),
-        "names": [str(names[i]) for i in sorted(names)],
-        "state_dict": {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-                       for k, v in model.state_dict().items()},
-        "meta": meta or {},
-    }
-    policy = getattr(model, "policy", None)
-    if policy is not None:  # a compressed model: its structure is rebuilt from the resolved policy
-        ckpt["policy"] = policy.to_dict()
-    if ckpt["detector"] is None:
-        raise ValueError("model has no detector_name; build it with create_detector()")
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return path
-
-
-def load_detector(path: str | Path, trust: bool | None = None) -> tuple[nn.Module, dict]:
-    """Load a checkpoint -> (model in eval mode, metadata).
-
-    Metadata holds ``detector``, ``num_classes``, ``names`` and whatever the
-    writer stored in ``meta`` (image size, data-set scale, metrics). ``trust``
-    (default: inside :func:`trusted_weights` or not) allows a full unpickle of
-    an ultralytics file the restricted loader refuses.
-    """
-    path = Path(path)
-    trust = _TRUST.get() if trust is None else trust
-    if not path.is_file():
-        raise UserError(f"{path}: weights file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # pickled modules (ultralytics), or something worse
-        return _load_ultralytics(path, trust)
-    except Exception as e:  # truncated zip, not a torch file at all...
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:80]})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format") != CHECKPOINT_FORMAT and _ultralytics_module(ckpt):
-        # an ultralytics restricted load earlier in this process allow-listed its classes for every later load
-        return _from_ultralytics(ckpt, path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not an rsdet-compress or ultralytics checkpoint")
-    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
-        raise UserError(f"{path}: checkpoint version {ckpt['version']} is newer than this rsdet-compress")
-    name, nc = ckpt.get("detector"), ckpt.get("num_classes")
-    if name not in DETECTORS:
-        raise UserError(f"{path}: unknown detector {name!r} in checkpoint")
-    model = create_detector(name, nc, names=ckpt.get("names"))
-    if "policy" in ckpt:
-        model = _rebuild_compressed(model, ckpt["policy"], path)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: weights do not fit detector {name!r} ({str(e).splitlines()[0][:100]})") from None
-    meta = {**ckpt.get("meta", {}), "detector": name, "num_classes": nc, "names": ckpt.get("names"),
-            "compressed": "policy" in ckpt}
-    return model.eval(), meta
-
-
-def _rebuild_compressed(skeleton: nn.Module, policy_dict: dict, path: Path) -> nn.Module:
-    """The compressed structure (pruned shapes, skipped blocks, quantized convs) for loading its weights."""
-    from rsdet_compress.compress.apply import apply_policy
-    from rsdet_compress.compress.policy import Policy
-    from rsdet_compress.compress.view import CompressibleView
-    policy = Policy.from_dict(policy_dict, source=str(path))
-    if any("keep_idx" not in g for g in policy.groups.values()):
-        raise UserError(f"{path}: compressed checkpoint carries an unresolved policy")
-    view = CompressibleView(skeleton, imgsz=policy.imgsz)
-    return apply_policy(view, policy, share_weights=False)
-
-
-def check_classes(meta: dict, names: list[str], weights: str | Path, data: str | Path) -> None:
-    """Refuse weights whose classes are not the data set's (scores would file planes under "car").
-
-    Names are compared when the checkpoint has real ones (not the placeholders "0", "1"...).
-    """
-    ours = [str(n) for n in (meta.get("names") or [])]
-    nc = meta.get("num_classes", len(ours) or None)
-    placeholder = ours == [str(i) for i in range(len(ours))]
-    if nc is None or (nc == len(names) and (placeholder or ours == [str(n) for n in names])):
-        return
-
-    def show(ns: list[str]) -> str:
-        return ", ".join(ns[:6]) + (", ..." if len(ns) > 6 else "")
-    raise UserError(f"{weights}: weights detect {nc} classes ({show(ours) if ours else 'unnamed'}) but {data} "
-                    f"has {len(names)} ({show([str(n) for n in names])}); use weights trained on this data set")
-
-
-def _ultralytics_module(ckpt: dict) -> nn.Module | None:
-    """The model an ultralytics checkpoint holds: the EMA weights of a training checkpoint, else ``model``."""
-    return next((m for m in (ckpt.get("ema"), ckpt.get("model")) if isinstance(m, nn.Module)), None)
-
-
-def _load_ultralytics(path: Path, trust: bool) -> tuple[nn.Module, dict]:
-    """A local ultralytics .pt (pickled DetectionModel), through ultralytics' restricted loader unless trusted."""
-    from ultralytics.nn.tasks import torch_safe_load
-    try:
-        if trust:  # the user vouched for the file: a plain unpickle (what ultralytics does by default)
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            ckpt, _ = torch_safe_load(path, safe_only=True)
-    except Exception as e:
-        refused = next((m.group(1) for c in (e, e.__cause__, e.__context__) if c is not None
-                        for m in [_REFUSED_GLOBAL.search(str(c))] if m), None)
-        if refused and not trust:
-            raise UserError(f"{path}: refused to unpickle global '{refused}': not a tensor, plain data or a "
-                            "torch/ultralytics module class, so loading it could run code (if you trust "
-                            "this file, pass --trust-weights)") from None
-        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable ultralytics checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path}: not an rsdet-compress or ultralytics checkpoint")
-    return _from_ultralytics(ckpt, path)
-
-
-def _from_ultralytics(ckpt: dict, path: Path) -> tuple[nn.Module, dict]:
-    """(fp32 model in eval mode, metadata) from a loaded ultralytics checkpoint dict; name from its YAML."""
-    from ultralytics.cfg import DEFAULT_CFG_DICT
-    from ultralytics.nn.tasks import DetectionModel
-    model = _ultralytics_module(ckpt)
-    if not isinstance(model, DetectionModel):
-        raise UserError(f"{path}: ultralytics checkpoint is not a detection model")
-    args = ckpt.get("train_args") if isinstance(ckpt.get("train_args"), dict) else {}
-    model = model.float()
-    model.args = {**DEFAULT_CFG_DICT, **args}  # what ultralytics' load_checkpoint attaches
-    if not hasattr(model, "stride"):
-        model.stride = torch.tensor([32.0])
-    stem = Path(str((getattr(model, "yaml", None) or {}).get("yaml_file", "ultralytics"))).stem
-    model.detector_name = stem if stem in DETECTORS else None
-    names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
-    meta = {"detector": model.detector_name or f"ultralytics:{stem}", "num_classes": int(model.model[-1].nc),
-            "names": [str(names[i]) for i in sorted(names)], "imgsz": args.get("imgsz"),
-            "source": "ultralytics"}
-    return model.eval(), meta

@@ -31,9 +31,11 @@ from torch import nn
 from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.quant import QConv2d
 from rsdet_compress.data.config import load_data_config
-from rsdet_compress.detectors.registry import check_classes, load_detector
+from rsdet_compress.detectors.checkpoint import check_classes
+from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.engine.trainer import DetectorTrainer, TrainConfig, _overrides
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.tracking.mlflow_tracker import Tracker
 
 
@@ -171,8 +173,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     Scores the input and the fine-tuned model with COCO mAP on the val split,
     and raises if any conv's shape or bit-width changed.
     """
-    from rsdet_compress.engine.scorer import evaluate
-
     cfg.check()
     tracker = Tracker(cfg.experiment, enabled=cfg.track).check()  # a dead store fails here, not after training
     model, meta = load_detector(cfg.weights)

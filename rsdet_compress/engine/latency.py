@@ -10,6 +10,7 @@ baseline's fp32 ONNX on CPU (the issue's deployment target).
 """
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from rsdet_compress.engine.scorer import check_imgsz
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.loader import OnnxDetector, load_model
 
 
 @dataclass
@@ -36,7 +39,6 @@ class LatencyConfig:
 
     def __post_init__(self) -> None:
         """Bad values fail before any model is loaded; 0 is an error, never "the default"."""
-        from rsdet_compress.engine.scorer import check_imgsz
         if not self.batches or any(b < 1 for b in self.batches):
             raise UserError(f"--batch sizes must be >= 1, got {','.join(map(str, self.batches))}")
         if self.runs < 1 or self.warmup < 0:
@@ -94,7 +96,7 @@ def _torch_devices(devices: tuple[str, ...]) -> list[str]:
 
 
 def _ort_providers(devices: tuple[str, ...]) -> list[tuple[str, list[str]]]:
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: imported when ONNX rows are measured, not at CLI start-up
     have = ort.get_available_providers()
     out = [("cpu", ["CPUExecutionProvider"])] if "cpu" in devices else []
     if "cuda" in devices and "CUDAExecutionProvider" in have and torch.cuda.is_available():
@@ -109,7 +111,6 @@ def _imgsz(meta: dict, cfg: LatencyConfig) -> int:
 
 
 def _measure_torch(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
-    from rsdet_compress.export.runtime import load_model
     model, meta = load_model(path)
     imgsz = _imgsz(meta, cfg)
     rows = []
@@ -127,7 +128,6 @@ def _measure_torch(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
 
 
 def _measure_onnx(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
-    from rsdet_compress.export.runtime import OnnxDetector
     rows = []
     for device, providers in _ort_providers(cfg.devices):
         det = OnnxDetector(path, threads=cfg.threads, providers=providers)
@@ -178,9 +178,7 @@ def benchmark(artifacts: list[str | Path], cfg: LatencyConfig | None = None) -> 
 
 def machine(threads: int | None = None) -> dict:
     """What the numbers were measured on (they only compare within one machine)."""
-    import os
-
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: imported when a benchmark runs, not at CLI start-up
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "threads": threads if threads is not None else torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}

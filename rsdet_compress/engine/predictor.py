@@ -16,7 +16,7 @@ Outputs in ``out``: one drawn image per input (a downscaled JPEG preview for
 scenes too large to decode at once), ``detections.json`` (COCO style, all
 images) and ``<stem>.geojson`` for georeferenced inputs, in the raster's CRS
 (TIFFs without georeferencing get pixel coordinates and a warning).
-The weights may be any model :func:`rsdet_compress.export.runtime.load_model`
+The weights may be any model :func:`rsdet_compress.runtime.loader.load_model`
 loads (float, compressed, ONNX, int8 ONNX).
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from rsdet_compress.engine.geo import georef_of, to_geojson, write_geojson
 from rsdet_compress.engine.scorer import check_imgsz
 from rsdet_compress.engine.slicer import SceneReader, SliceOptions, detect_chips, predict_sliced
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.loader import load_model
 
 #: largest inference side when sizing from the image (a 10k scene needs slicing, not one pass).
 MAX_SIDE = 4096
@@ -49,15 +50,6 @@ PREVIEW_SIDE = 2048
 #: raster formats GDAL reads beyond the common image suffixes.
 RASTER_SUFFIXES = (*IMAGE_SUFFIXES, ".jp2", ".vrt", ".img", ".ntf", ".nitf")
 _TIFF = (".tif", ".tiff")
-
-
-def load_model(weights: str | Path) -> tuple[object, dict]:
-    """(model, meta) from any weights predict accepts: the export runtime when present, else a checkpoint."""
-    try:
-        from rsdet_compress.export.runtime import load_model as load
-    except ImportError:
-        from rsdet_compress.detectors.registry import load_detector as load
-    return load(weights)
 
 
 def _sources(source: Path) -> list[Path]:

@@ -7,10 +7,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from rsdet_compress.compress.calibration import calibration_set
+from rsdet_compress.compress.compressor import Workspace
+from rsdet_compress.compress.cost import estimate
+from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.data.evalset import EvalSet
+from rsdet_compress.detectors.checkpoint import check_classes
 from rsdet_compress.engine.evaluator import Evaluator
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.loader import load_model
 
 #: every detector here downsamples by 32 at its deepest level: other sizes break the feature-map concats
 SIZE_MULTIPLE = 32
@@ -55,8 +61,6 @@ def evaluate(weights: str | Path, data: str | Path, split: str = "val", imgsz: i
     size the checkpoint was trained at. Weights whose classes are not the data
     set's are refused (their scores would be silently wrong).
     """
-    from rsdet_compress.detectors.registry import check_classes
-    from rsdet_compress.export.runtime import load_model
     check_imgsz(imgsz)
     check_batch(batch)
     model, meta = load_model(weights)  # checkpoints, ONNX (fp32/int8) and packed files alike
@@ -77,12 +81,6 @@ def evaluate_policy(weights: str | Path, policy: str | Path, data: str | Path, s
 
     The policy is applied in memory; calibration uses training chips, never ``split``.
     """
-    from rsdet_compress.compress.calibration import calibration_set
-    from rsdet_compress.compress.compressor import Workspace
-    from rsdet_compress.compress.cost import estimate
-    from rsdet_compress.compress.policy import Policy
-    from rsdet_compress.detectors.registry import check_classes
-
     check_batch(batch)
     ws = Workspace.from_weights(weights)
     cfg = load_data_config(data)

@@ -18,8 +18,10 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 
 from rsdet_compress.atomic import write_json
 from rsdet_compress.data.config import DataConfig, load_data_config
-from rsdet_compress.detectors.registry import create_detector, save_detector
+from rsdet_compress.detectors.checkpoint import save_detector
+from rsdet_compress.detectors.registry import create_detector
 from rsdet_compress.engine.augment import REPLACED_HYP, overhead_augmentations
+from rsdet_compress.engine.scorer import check_imgsz, evaluate
 from rsdet_compress.errors import UserError
 from rsdet_compress.tracking.mlflow_tracker import Tracker
 
@@ -81,7 +83,6 @@ class TrainConfig:
     def check(self) -> None:
         if self.augment not in ("overhead", "ultralytics"):
             raise UserError(f"augment must be 'overhead' or 'ultralytics', got {self.augment!r}")
-        from rsdet_compress.engine.scorer import check_imgsz
         if self.epochs < 1 or self.batch < 1:
             raise UserError(f"--epochs and --batch must be >= 1, got {self.epochs} and {self.batch}")
         check_imgsz(self.imgsz)  # the final evaluation needs the size the model trained at
@@ -159,8 +160,6 @@ def train(cfg: TrainConfig) -> dict:
     Returns a summary dict (weights path, final metrics, per-epoch history,
     training seconds), also written to ``out/metrics.json``.
     """
-    from rsdet_compress.engine.scorer import evaluate
-
     cfg.check()
     data = load_data_config(cfg.data)
     tracker = Tracker(cfg.experiment, enabled=cfg.track).check()  # a dead store fails here, not after training

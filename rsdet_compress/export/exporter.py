@@ -7,7 +7,7 @@ quantized by onnxruntime: QDQ, int8 per-channel weights, uint8 activations
 calibrated on training chips) and ``packed`` (the bit-packed deploy file of a
 compressed checkpoint, :mod:`rsdet_compress.export.packed`).
 
-Every artifact is reloaded with :func:`~rsdet_compress.export.runtime.load_model`
+Every artifact is reloaded with :func:`~rsdet_compress.runtime.loader.load_model`
 and scored with the same :class:`~rsdet_compress.engine.evaluator.Evaluator` on
 the same split as the PyTorch model. When ``|mAP50(artifact) - mAP50(PyTorch)|``
 exceeds the format's tolerance the artifact is renamed to ``<name>.failed`` (so
@@ -29,9 +29,20 @@ from pathlib import Path
 
 from torch import nn
 
+from rsdet_compress.compress.calibration import calibration_set, image_batches
+from rsdet_compress.compress.compressor import Workspace
+from rsdet_compress.compress.quant import iter_act_quantizers
 from rsdet_compress.compress.rounding import CHANNEL_MULTIPLE, round_policy
+from rsdet_compress.data.config import load_data_config
+from rsdet_compress.data.evalset import EvalSet
+from rsdet_compress.detectors.checkpoint import check_classes, save_detector
+from rsdet_compress.engine.evaluator import Evaluator
+from rsdet_compress.engine.scorer import check_batch
 from rsdet_compress.errors import UserError
 from rsdet_compress.export.onnx import DEFAULT_OPSET, check_opset, export_module, quantize_int8
+from rsdet_compress.export.packed import fp32_bytes, save_packed
+from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.loader import load_model
 
 FORMATS = ("onnx", "onnx-int8", "packed")
 #: default artifact name: the weights' stem + this suffix
@@ -86,7 +97,6 @@ def _data_yaml(data: str | Path | None, meta: dict, weights: Path) -> Path:
 
 def _calibration(data: Path, imgsz: int, n: int):
     """Training chips for int8 calibration / round8 recalibration; UserError when there are none."""
-    from rsdet_compress.compress.calibration import calibration_set
     if n < 1:
         raise UserError(f"--calib-images must be >= 1, got {n}")
     try:
@@ -99,9 +109,6 @@ def _calibration(data: Path, imgsz: int, n: int):
 
 
 def _evaluator(data: Path, split: str, imgsz: int, batch: int):
-    from rsdet_compress.data.config import load_data_config
-    from rsdet_compress.data.evalset import EvalSet
-    from rsdet_compress.engine.evaluator import Evaluator
     cfg = load_data_config(data)
     return Evaluator(EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz), batch=batch)
 
@@ -114,7 +121,6 @@ def _reference(model: nn.Module, key: tuple, evaluator) -> dict:
 
 
 def _quantizes_activations(model: nn.Module) -> bool:
-    from rsdet_compress.compress.quant import iter_act_quantizers
     return any(q.enabled and bool(q.observed) for q in iter_act_quantizers(model))
 
 
@@ -127,7 +133,6 @@ def round_channels(model: nn.Module, meta: dict, calib, multiple: int = CHANNEL_
     fine-tuned checkpoint is refused: the rounded model is rebuilt from the float
     weights, which would silently drop the fine-tuning (round at ``compress --round8``).
     """
-    from rsdet_compress.compress.compressor import Workspace
     policy = getattr(model, "policy", None)
     if policy is None:
         return model, {"groups_changed": 0, "channels_added": 0}
@@ -156,7 +161,6 @@ def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, img
         export_module(model, meta, out, imgsz, opset=opset, source=str(weights))
         return {}
     if fmt == "onnx-int8":
-        from rsdet_compress.compress.calibration import image_batches
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".fp32.onnx")
         os.close(fd)
         try:
@@ -165,7 +169,6 @@ def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, img
         finally:
             Path(tmp).unlink(missing_ok=True)
         return {"calib_images": len(calib)}
-    from rsdet_compress.export.packed import save_packed
     r = save_packed(weights, out)
     return {k: v for k, v in r.items() if k not in ("path", "bytes", "fp32_bytes", "ratio")}
 
@@ -183,11 +186,6 @@ def export(weights: str | Path, format: str, out: str | Path | None = None, data
     ``|dmap50| > tolerance`` (default: the format's, see :data:`TOLERANCES`, and
     :data:`ONNX_QDQ_TOLERANCE` for an fp32 ONNX with quantized activations).
     """
-    from rsdet_compress.data.config import load_data_config
-    from rsdet_compress.detectors.registry import check_classes, load_detector, save_detector
-    from rsdet_compress.engine.scorer import check_batch
-    from rsdet_compress.export.packed import fp32_bytes
-    from rsdet_compress.export.runtime import load_model
     fmt = _check_format(format)
     weights = Path(weights)
     if weights.suffix.lower() == ".onnx":

@@ -23,8 +23,8 @@ weights have the pruned shapes), and the fake quantization becomes:
 
 Every file carries our metadata under the ``rsdet_compress`` key of
 ``metadata_props`` (one JSON object: :data:`FORMAT` marker, detector, class
-names, imgsz, stride, rescale, policy summary), which
-:func:`rsdet_compress.export.runtime.load_model` requires.
+names, imgsz, stride, rescale, policy summary; :mod:`rsdet_compress.runtime.onnx_meta`),
+which :func:`rsdet_compress.runtime.loader.load_model` requires.
 """
 from __future__ import annotations
 
@@ -46,12 +46,9 @@ from torch import nn
 from rsdet_compress.atomic import atomic_path
 from rsdet_compress.compress.quant import FLOAT_BITS, ActQuantizer, QConv2d, fake_quant_weight
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.onnx_meta import FORMAT, META_KEY, VERSION, read_meta
 
-#: metadata_props key holding our JSON metadata; its presence marks the file as ours.
-META_KEY = "rsdet_compress"
-#: value of the metadata's ``format`` field.
-FORMAT = "rsdet-compress/onnx"
-VERSION = 1
 #: newest opset torch's TorchScript ONNX exporter writes (torch 2.x).
 DEFAULT_OPSET = 20
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
@@ -154,18 +151,6 @@ def onnx_meta(model: nn.Module, meta: dict, imgsz: int, precision: str, act_qdq:
             "precision": precision, "act_qdq": act_qdq, "policy": policy_summary(model), "source": source}
 
 
-def read_meta(model: onnx.ModelProto) -> dict | None:
-    """Our metadata of an ONNX model, or None if it is not ours."""
-    for p in model.metadata_props:
-        if p.key == META_KEY:
-            try:
-                data = json.loads(p.value)
-            except json.JSONDecodeError:
-                return None
-            return data if isinstance(data, dict) and data.get("format") == FORMAT else None
-    return None
-
-
 def _set_meta(model: onnx.ModelProto, meta: dict) -> None:
     for p in list(model.metadata_props):
         if p.key == META_KEY:
@@ -247,7 +232,6 @@ def _has_act_quant(model: nn.Module) -> bool:
 def export_onnx(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                 act_qdq: bool = True) -> Path:
     """Export a float or compressed checkpoint to ONNX at ``out`` (written atomically); returns ``out``."""
-    from rsdet_compress.detectors.registry import load_detector
     model, meta = load_detector(weights)
     policy = getattr(model, "policy", None)
     imgsz = int(meta.get("imgsz") or (policy.imgsz if policy is not None else 0) or 640)

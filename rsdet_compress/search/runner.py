@@ -22,7 +22,7 @@ from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.cost import estimate
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
-from rsdet_compress.detectors.registry import check_classes
+from rsdet_compress.detectors.checkpoint import check_classes
 from rsdet_compress.errors import UserError
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import CompressEnv, EnvConfig

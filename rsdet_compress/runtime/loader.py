@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.onnx_meta import META_KEY, read_meta
+from rsdet_compress.runtime.packed import MAGIC, load_packed
 
 ONNX_SUFFIX = ".onnx"
 
 
 def _providers() -> list[str]:
     """CUDA when this onnxruntime build has it, CPU always as the fallback."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # only needed to run an ONNX file: kept out of the CLI's start-up
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
@@ -36,20 +39,20 @@ class OnnxDetector(nn.Module):
     def __init__(self, path: str | Path, threads: int | None = None,
                  providers: list[str] | None = None) -> None:
         super().__init__()
+        # onnx and onnxruntime are only needed to run an ONNX file: kept out of the CLI's start-up
+        import onnx
         import onnxruntime as ort
 
-        from rsdet_compress.export.onnx import read_meta
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: ONNX file not found")
         try:
-            import onnx
             proto = onnx.load(str(self.path), load_external_data=False)
         except Exception as e:  # not protobuf at all, truncated...
             raise UserError(f"{self.path}: not a readable ONNX file ({type(e).__name__})") from None
         meta = read_meta(proto)
         if meta is None:
-            raise UserError(f"{self.path}: not an rsdet-compress ONNX file (no '{_meta_key()}' metadata)")
+            raise UserError(f"{self.path}: not an rsdet-compress ONNX file (no '{META_KEY}' metadata)")
         del proto
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
@@ -75,13 +78,7 @@ class OnnxDetector(nn.Module):
         return f"{self.path.name}, {self.meta.get('precision')}, providers={self.session.get_providers()}"
 
 
-def _meta_key() -> str:
-    from rsdet_compress.export.onnx import META_KEY
-    return META_KEY
-
-
 def _is_packed(path: Path) -> bool:
-    from rsdet_compress.export.packed import MAGIC
     with open(path, "rb") as f:
         return f.read(len(MAGIC)) == MAGIC
 
@@ -102,7 +99,5 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
         meta = {k: v for k, v in model.meta.items() if k not in ("format", "version")}
         return model.eval(), {**meta, "onnx": True}
     if _is_packed(path):
-        from rsdet_compress.export.packed import load_packed
         return load_packed(path)
-    from rsdet_compress.detectors.registry import load_detector
     return load_detector(path)
