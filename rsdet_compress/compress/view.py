@@ -18,6 +18,7 @@ from ultralytics.nn.modules import Detect
 from ultralytics.nn.modules.block import Attention, Bottleneck, PSABlock
 
 from rsdet_compress.compress.blocks import make_prunable
+from rsdet_compress.compress.cost import kept_channels
 from rsdet_compress.compress.pruners import CUSTOM_PRUNERS
 
 
@@ -207,7 +208,6 @@ class CompressibleView:
 
     def kept(self, layer: str, dim: str, policy) -> int:
         """Channels of ``layer``'s ``dim`` ("out" or "in") that ``policy`` keeps (see cost.kept_channels)."""
-        from rsdet_compress.compress.cost import kept_channels
         return kept_channels(self, layer, dim, policy)
 
     @property
