@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from ultralytics.nn.modules import Concat, Detect
 from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.torch_utils import initialize_weights
 
 
 class DWPWBundle(nn.Module):
@@ -107,7 +108,6 @@ class SkyNet(DetectionModel):
         head.stride = torch.tensor([8.0])
         self.stride = head.stride
         head.bias_init()
-        from ultralytics.utils.torch_utils import initialize_weights
         initialize_weights(self)
         if verbose:
             self.info()

@@ -45,7 +45,7 @@ def georef_of(transform: Any, crs: Any = None, gcps: Any = None) -> Georef | Non
         return Georef(transform, crs)
     points, gcp_crs = gcps if gcps else ((), None)
     if points:
-        from rasterio.transform import from_gcps
+        from rasterio.transform import from_gcps  # GDAL: only for rasters georeferenced by GCPs
         return Georef(from_gcps(points), gcp_crs)
     return None
 

@@ -11,11 +11,13 @@ on as a grey or noisy bottom half.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from rsdet_compress.data.imageio import CorruptImage, image_size, read_image
 from rsdet_compress.data.tiling import Tile
@@ -37,6 +39,7 @@ class SceneReader:
     """
 
     def __init__(self, path: str | Path, max_pixels: int = FULL_DECODE_PIXELS) -> None:
+        # rasterio (GDAL) is imported when a scene is opened, not at CLI start-up
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
@@ -74,11 +77,9 @@ class SceneReader:
             raise
 
     def _pil_decode(self) -> np.ndarray:
-        import sys
         if self.path.suffix.lower() in _CV2_SUFFIXES:
             return cv2.cvtColor(read_image(self.path), cv2.COLOR_BGR2RGB)
 
-        from PIL import Image
         # PIL's own open: ultralytics wraps Image.open to pip-install a HEIF plugin on unknown files
         pil_open = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", Image.open)
         try:
@@ -113,7 +114,7 @@ class SceneReader:
         return np.ascontiguousarray(bands.transpose(1, 2, 0))
 
     def _rio_read(self, window, out_shape: tuple[int, int] | None = None) -> np.ndarray:
-        from rasterio.enums import Resampling
+        from rasterio.enums import Resampling  # GDAL: imported with the scene, see __init__
         from rasterio.errors import RasterioIOError
         shape = None if out_shape is None else (len(self._bands), *out_shape)
         try:
@@ -131,7 +132,7 @@ class SceneReader:
         """The pixels of ``tile`` (H x W x 3 RGB uint8)."""
         if self._full is not None:
             return self._full[tile.y0:tile.y0 + tile.h, tile.x0:tile.x0 + tile.w]
-        from rasterio.windows import Window
+        from rasterio.windows import Window  # GDAL: imported with the scene, see __init__
         return self._rio_read(Window(tile.x0, tile.y0, tile.w, tile.h))
 
     def overview(self, max_side: int) -> tuple[np.ndarray, float]:

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
+from tqdm import tqdm
 
 from ultralytics.utils.nms import non_max_suppression
 
@@ -269,7 +270,6 @@ class SliceOptions:
 
 def predict_sliced(model, reader: SceneReader, opts: SliceOptions, progress: bool = True) -> tuple[np.ndarray, int]:
     """Detections of the whole scene (N x 6 scene pixels, merged) and the number of windows run."""
-    from tqdm import tqdm
     inp = opts.input_size
     tiles = tile_windows(reader.width, reader.height, opts.slice_size, opts.overlap, opts.rescale, reader.path)
     found, ids, cuts = [np.zeros((0, 6))], [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=bool)]

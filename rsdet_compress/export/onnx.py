@@ -298,6 +298,7 @@ def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable,
     quantization; its weights, already on a <= 8-bit grid, are re-expressed as int8
     codes per channel. Metadata is copied with ``precision: int8``.
     """
+    # onnxruntime's quantization tools are only needed for int8 export: kept out of the CLI's start-up
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     onnx_in, out = Path(onnx_in), Path(out)
     model = onnx.load(str(onnx_in))

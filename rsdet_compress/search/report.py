@@ -17,7 +17,7 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 def plot_searches(searches: dict[str, list[dict]], out: Path, metric: str = "map50") -> Path:
     """mAP vs size and mAP vs BOPs (fractions of the float model), every candidate + each Pareto front."""
-    import matplotlib
+    import matplotlib  # only for the plot: kept out of the CLI's start-up
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
