@@ -7,28 +7,35 @@ and written on the next successful call; a write that failed half-way (run
 created, metrics not) is replaced, not duplicated, on the retry. If the store
 is still down at the end, anything pending goes to ``pending.jsonl`` in the
 search folder and ``--resume RUN_ID`` uploads it later.
+
+Only what is about searches lives here; the store, experiment, artifact root
+and key/value flattening are :mod:`rsdet_compress.tracking.mlflow_tracker`'s.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from rsdet_compress.atomic import write_text
 from rsdet_compress.errors import UserError
-from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, quiet_sqlite_logs, clean_key, flatten
+from rsdet_compress.tracking.mlflow_tracker import (
+    DEFAULT_EXPERIMENT,
+    experiment_id,
+    log_metrics_to,
+    log_params_to,
+    store_client,
+)
 
 PARENT_TAG = "mlflow.parentRunId"
 
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-    quiet_sqlite_logs()
-    return MlflowClient(uri)
+# every store call of the logbook goes through this name (tests swap it for a store that goes down)
+_client = store_client
 
 
 def candidate_record(cand, group_sizes: dict[str, int], stage: str = "") -> dict:
     """Everything one nested run holds: params (policy summary), metrics, the policy JSON."""
+    # imported here, not at the top: `compare` reads searches through this module without torch
+    from rsdet_compress.compress.quant import FLOAT_BITS
     policy = cand.policy
     bits = [b for spec in policy.layers.values() for b in
             (spec["weight_bits"] if isinstance(spec["weight_bits"], list) else [spec["weight_bits"]])]
@@ -41,7 +48,7 @@ def candidate_record(cand, group_sizes: dict[str, int], stage: str = "") -> dict
                "eval_seconds": cand.metrics.get("eval_seconds", cand.seconds),
                **{f"usage.{k}": v for k, v in cand.usage.items()}}
     params = {"episode": cand.episode, "stage": stage or "search",
-              "mean_weight_bits": round(sum(bits) / len(bits), 3) if bits else 32,
+              "mean_weight_bits": round(sum(bits) / len(bits), 3) if bits else FLOAT_BITS,
               "mean_sparsity": round(sum(sparsity) / len(sparsity), 4) if sparsity else 0.0,
               "pruned_groups": len(policy.groups), "skipped_blocks": len(policy.skipped),
               "quantized_layers": len(policy.layers)}
@@ -59,11 +66,10 @@ class Logbook:
     def start(self, name: str, params: dict, tags: dict) -> str:
         """Create the parent run (status RUNNING) and return its id."""
         client = _client(self.uri)
-        exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment, artifact_location=_artifacts(self.uri))
+        exp_id = experiment_id(client, self.experiment, self.uri)
         run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
         self.parent = run.info.run_id
-        _log_params(client, self.parent, params)
+        log_params_to(client, self.parent, params)
         return self.parent
 
     def children(self) -> list:
@@ -107,14 +113,14 @@ class Logbook:
                                 tags={PARENT_TAG: self.parent, "episode": str(rec["episode"]),
                                       "stage": rec["params"].get("stage", "")})
         rid = run.info.run_id
-        _log_params(client, rid, rec["params"])
-        _log_metrics(client, rid, rec["metrics"])
+        log_params_to(client, rid, rec["params"])
+        log_metrics_to(client, rid, rec["metrics"])
         client.log_text(rid, json.dumps(rec["policy"], indent=1), "policy.json")
         client.set_terminated(rid, "FINISHED")
 
     def update_parent(self, metrics: dict, step: int) -> None:
         try:
-            _log_metrics(_client(self.uri), self.parent, metrics, step)
+            log_metrics_to(_client(self.uri), self.parent, metrics, step)
         except Exception:  # noqa: BLE001 - best-so-far curves are a convenience; candidates are not
             pass
 
@@ -136,28 +142,6 @@ class Logbook:
             else:
                 write_text(fallback, "".join(json.dumps(r) + "\n" for r in self.pending))
         return ok
-
-
-def _artifacts(uri: str) -> str | None:
-    if uri.startswith("sqlite:///"):  # keep artifacts beside the sqlite file
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
-
-
-def _log_params(client, run_id: str, params: dict) -> None:
-    from mlflow.entities import Param
-    flat = [Param(clean_key(k), str(v)[:6000]) for k, v in flatten(params).items()]
-    for i in range(0, len(flat), 100):
-        client.log_batch(run_id, params=flat[i:i + 100])
-
-
-def _log_metrics(client, run_id: str, metrics: dict, step: int = 0) -> None:
-    from mlflow.entities import Metric
-    now = int(time.time() * 1000)
-    flat = [Metric(clean_key(k), float(v), now, step) for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
-    if flat:
-        client.log_batch(run_id, metrics=flat)
 
 
 def load_search(uri: str, run_id: str) -> tuple[str, dict, list[dict]]:

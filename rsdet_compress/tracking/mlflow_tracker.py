@@ -1,4 +1,11 @@
-"""Our MLflow logging. Runs are started and ended here only (ultralytics' own callback is off).
+"""Our MLflow logging, the one MLflow layer. Runs are started and ended here only (ultralytics' own callback is off).
+
+Two users share what is here (store URI and check, client, experiment with its
+artifact root, flat clean keys, param/metric values and batched logging to an
+explicit run): :class:`Tracker` (train, evaluate, finetune, benchmark: the
+fluent API, one run at a time) and the search logbook
+(:mod:`rsdet_compress.search.logbook`: explicit run ids, candidates, resume,
+outage queue).
 
 The store defaults to a sqlite file under the runs folder, so ``mlflow ui
 --backend-store-uri sqlite:///runs/mlflow.db`` shows everything; set
@@ -16,9 +23,11 @@ call on a dead server, so calls here run with short ones unless the user set
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,12 +85,10 @@ def check_store(uri: str | None = None) -> str:
     seconds and no result (``search`` and ``compare``; ``train``/``evaluate``/
     ``finetune``/``benchmark`` through :meth:`Tracker.check`).
     """
-    from mlflow import MlflowClient
     uri = uri or default_tracking_uri()
-    quiet_sqlite_logs()
     try:
         with _http_limits(*CHECK_HTTP, force=True):
-            MlflowClient(uri).search_experiments(max_results=1)
+            store_client(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any backend failure means "unreachable"
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         raise UserError(f"MLflow store {uri} is unreachable ({type(e).__name__}: {reason}); "
@@ -104,6 +111,60 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+#: MLflow's limit on one param value
+PARAM_CHARS = 6000
+#: params per ``log_batch`` call (MLflow refuses more)
+PARAM_BATCH = 100
+
+
+def param_values(params: dict) -> dict[str, str]:
+    """Nested params -> flat, clean keys with string values (cut to MLflow's length limit)."""
+    return {clean_key(k): str(v)[:PARAM_CHARS] for k, v in flatten(params).items()}
+
+
+def metric_values(metrics: dict) -> dict[str, float]:
+    """Nested metrics -> flat, clean keys; only real numbers (None, bools, NaN and text are skipped)."""
+    return {clean_key(k): float(v) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)}
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a sqlite store's file; the server's default otherwise."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def store_client(uri: str):
+    """An ``MlflowClient`` for ``uri`` (sqlite setup noise silenced)."""
+    from mlflow import MlflowClient
+    quiet_sqlite_logs()
+    return MlflowClient(uri)
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """Id of experiment ``name``, created (artifacts per :func:`artifact_location`) when missing."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def log_params_to(client, run_id: str, params: dict) -> None:
+    """Log nested ``params`` to run ``run_id`` in batches (explicit run, no active-run state)."""
+    from mlflow.entities import Param
+    flat = [Param(k, v) for k, v in param_values(params).items()]
+    for i in range(0, len(flat), PARAM_BATCH):
+        client.log_batch(run_id, params=flat[i:i + PARAM_BATCH])
+
+
+def log_metrics_to(client, run_id: str, metrics: dict, step: int = 0) -> None:
+    """Log the numeric entries of nested ``metrics`` to run ``run_id`` (explicit run, no active-run state)."""
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    flat = [Metric(k, v, now, step) for k, v in metric_values(metrics).items()]
+    if flat:
+        client.log_batch(run_id, metrics=flat)
 
 
 class Tracker:
@@ -158,12 +219,7 @@ class Tracker:
 
         def setup() -> bool:
             mlflow.set_tracking_uri(self.uri)
-            if mlflow.get_experiment_by_name(self.experiment) is None:
-                location = None
-                if self.uri.startswith("sqlite:///"):  # keep artifacts beside the sqlite file
-                    location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-                mlflow.create_experiment(self.experiment, artifact_location=location)
-            mlflow.set_experiment(self.experiment)
+            mlflow.set_experiment(experiment_id=experiment_id(store_client(self.uri), self.experiment, self.uri))
             return True
         self._ready = bool(self._call(setup))
 
@@ -193,14 +249,12 @@ class Tracker:
 
     def log_params(self, params: dict) -> None:
         import mlflow
-        flat = {clean_key(k): str(v)[:6000] for k, v in flatten(params).items()}
-        self._call(mlflow.log_params, flat)
+        self._call(mlflow.log_params, param_values(params))
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Log the numeric entries of ``metrics`` (None and non-numbers are skipped)."""
         import mlflow
-        flat = {clean_key(k): float(v) for k, v in flatten(metrics).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+        flat = metric_values(metrics)
         if flat:
             self._call(mlflow.log_metrics, flat, step=step)
 
