@@ -10,8 +10,3 @@ class UserError(Exception):
     """
 
     exit_code = 2
-
-
-def where(path: object, line: int | None = None) -> str:
-    """Format a location as ``path`` or ``path:line`` for error messages."""
-    return f"{path}:{line}" if line is not None else str(path)

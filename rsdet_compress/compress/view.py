@@ -158,7 +158,6 @@ class CompressibleView:
                                                            customized_pruners=CUSTOM_PRUNERS)
         # channels that stay whole but may still be quantized (e.g. SkyNet's reorg source)
         fixed = {model.get_submodule(n) for n in getattr(model, "unprunable_layers", ())}
-        self.unprunable = sorted(self.names[m] for m in fixed)
         self.groups: dict[str, ChannelGroup] = {}
         out_group, in_group = {}, {}
         for g in self.graph.get_all_groups(ignored_layers=list(protected | fixed), root_module_types=[nn.Conv2d]):
@@ -214,10 +213,6 @@ class CompressibleView:
     def quantizable(self) -> list[str]:
         """Conv layers a policy gives bit-widths to (all but the protected ones)."""
         return [n for n, layer in self.layers.items() if not layer.protected]
-
-    def group_of(self, layer: str) -> ChannelGroup | None:
-        g = self.layers[layer].out_group
-        return self.groups.get(g) if g else None
 
     def summary(self) -> str:
         """Counts for the terminal."""

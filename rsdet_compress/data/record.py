@@ -37,16 +37,12 @@ class Box:
 
 @dataclass
 class ImageRecord:
-    """One source image and its boxes. ``source_id`` groups tiles for splitting."""
+    """One source image and its boxes (tiles of one image stay in one split: ``prepare.source_names``)."""
 
     path: Path
     width: int
     height: int
     boxes: list[Box] = field(default_factory=list)
-
-    @property
-    def source_id(self) -> str:
-        return self.path.stem
 
 
 @dataclass

@@ -51,11 +51,6 @@ class Budget:
     def met(self, cost: Cost, ref: Cost) -> bool:
         return all(getattr(cost, METRICS[n]) <= lim * getattr(ref, METRICS[n]) for n, lim in self.limits)
 
-    def excess(self, cost: Cost, ref: Cost) -> float:
-        """Largest ratio usage / limit (<= 1 means within budget)."""
-        use = self.usage(cost, ref)
-        return max(use[n] / lim for n, lim in self.limits)
-
     def scaled(self, power: float) -> Budget:
         """Each fraction to ``power`` (two-stage search: ``0.5`` gives pruning half the compression in log space)."""
         return Budget(tuple((n, lim ** power) for n, lim in self.limits))

@@ -2,7 +2,8 @@
 
 Structure follows AMC/HAQ (mit-han-lab ``lib/rl/ddpg.py``): actor/critic MLPs
 with target copies and soft updates, a replay buffer, uniform random warm-up
-episodes, truncated-normal exploration whose sigma decays per episode, and
+episodes, exploration noise whose sigma decays per episode (in logit space,
+:func:`exploration.logit_normal`, where AMC/HAQ draw a truncated normal), and
 an episodic reward (one candidate evaluation per episode) given to every
 step and centred by a moving-average baseline. The AJPQ twist is the actor:
 
@@ -37,18 +38,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from rsdet_compress.search.env import ACTION_DIM
+
 from .exploration import logit_normal, warmup_action
 from .replay import ReplayBuffer
-
-ACTION_DIM = 3  # sparsity, mean-bit position, bit spread
-_NORMAL = NormalDist()
 
 
 @dataclass
@@ -79,11 +78,11 @@ class DDPGConfig:
     elite_weight: float = 1.0  # self-imitation (see module docstring): actor loss += w * MSE to the best episode's
     # applied actions. Synthetic test, 16 episodes x 12 seeds (additive / multiplicative reward): 0.69 / 0.065 with
     # init_sparsity alone, 0.71 / 0.077 with w=1 (random: 0.67 / 0.026); 300 episodes: 0.91-0.95 of the optimum
-    noise: str = "logit"  # "logit": exploration in logit space, median at the actor's action
-    # (exploration.logit_normal); "truncated": AMC/HAQ's truncated normal, whose draws near the 0.1 start average ~0.2 sparsity at sigma 0.2
     shared_noise: float = 0.0  # fraction of the (logit) noise variance drawn once per episode and shared by all its
     # layers, so episodes explore the global prune-vs-bits trade-off. Off by default: on the synthetic test (300
-    # episodes, 3 seeds) 0.5 reached 0.87-0.89 of the optimum, 0 reached 0.93-0.97 (truncated noise: 0.91-0.95)
+    # episodes, 3 seeds) 0.5 reached 0.87-0.89 of the optimum, 0 reached 0.93-0.97 (AMC/HAQ's truncated normal,
+    # since removed: 0.91-0.95; its draws near the 0.1 start averaged ~0.2 sparsity at sigma 0.2, logit noise's
+    # median stays at the actor's action)
 
 
 def _mlp(n_in: int, hidden: Sequence[int], n_out: int, gen: torch.Generator, init_w: float) -> nn.Sequential:
@@ -131,20 +130,6 @@ class Critic(nn.Module):
         return self.net(torch.cat([s, a], -1)).squeeze(-1)
 
 
-def truncated_normal(mu: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Sample N(mu, sigma) truncated to [0, 1] by inverting the CDF (one uniform per entry, so RNG use is fixed)."""
-    mu = np.asarray(mu, np.float64).ravel()
-    u = rng.random(mu.shape[0])
-    if sigma <= 0:
-        return np.clip(mu, 0.0, 1.0)
-    out = np.empty_like(mu)
-    for i, (m, ui) in enumerate(zip(mu, u)):
-        lo, hi = _NORMAL.cdf((0.0 - m) / sigma), _NORMAL.cdf((1.0 - m) / sigma)
-        p = min(max(lo + ui * (hi - lo), 1e-12), 1.0 - 1e-12)
-        out[i] = m + sigma * _NORMAL.inv_cdf(p)
-    return np.clip(out, 0.0, 1.0)
-
-
 class AJPQAgent:
     """Hierarchical DDPG over (sparsity, mean bits, bit spread) per layer; never skips blocks."""
 
@@ -173,8 +158,6 @@ class AJPQAgent:
         self.elite: tuple[float, np.ndarray, np.ndarray] | None = None  # (reward, states, applied actions)
         self.shared = np.zeros(ACTION_DIM)  # the current learning episode's shared noise (cfg.shared_noise)
         self.worst: float | None = None  # lowest episode reward: the best episode is imitated only when it beats it
-        if cfg.noise not in ("logit", "truncated"):
-            raise ValueError(f"noise must be 'logit' or 'truncated', not {cfg.noise!r}")
 
     # -- acting ------------------------------------------------------------------------------
     def select_blocks(self, episode: int) -> np.ndarray:
@@ -183,7 +166,7 @@ class AJPQAgent:
         cfg = self.config
         if episode < cfg.warmup_episodes:
             self.strength = float(self.rng.random()) if cfg.warmup_strength else 1.0
-        elif cfg.noise == "logit" and cfg.shared_noise > 0:
+        elif cfg.shared_noise > 0:
             self.shared = self.rng.standard_normal(ACTION_DIM)
         return np.zeros(self.n_blocks, np.int64)
 
@@ -199,9 +182,7 @@ class AJPQAgent:
         return np.concatenate([a0, a12]).astype(np.float32)
 
     def _noisy(self, mu: np.ndarray, first: int) -> np.ndarray:
-        """Exploration noise around ``mu`` (action dimensions ``first``...) as configured."""
-        if self.config.noise == "truncated":
-            return truncated_normal(mu, self.sigma, self.rng)
+        """Logit-space exploration noise around ``mu`` (action dimensions ``first``...)."""
         return logit_normal(mu, self.sigma, self.rng, self.shared[first:], self.config.shared_noise)
 
     def greedy_action(self, state: np.ndarray) -> np.ndarray:
