@@ -14,7 +14,7 @@ import copy
 from torch import nn
 
 from rsdet_compress.compress.policy import Policy
-from rsdet_compress.compress.quant import QConv2d
+from rsdet_compress.compress.quant import FLOAT_BITS, QConv2d
 from rsdet_compress.compress.view import CompressibleView
 from rsdet_compress.errors import UserError
 
@@ -73,7 +73,7 @@ def quantize_model(model: nn.Module, view: CompressibleView, policy: Policy) -> 
         conv = model.get_submodule(name)
         if isinstance(wbits, list) and len(wbits) != conv.out_channels:
             raise UserError(f"layer {name}: {len(wbits)} weight bit-widths for {conv.out_channels} kept channels")
-        if min(wbits if isinstance(wbits, list) else [wbits]) >= 32 and abits >= 32:
+        if min(wbits if isinstance(wbits, list) else [wbits]) >= FLOAT_BITS and abits >= FLOAT_BITS:
             continue  # all float: keep the plain conv
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, QConv2d.from_conv(conv, wbits, abits))

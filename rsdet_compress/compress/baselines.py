@@ -6,16 +6,17 @@
 """
 from __future__ import annotations
 
+from rsdet_compress.compress.importance import DEFAULT_CRITERION
 from rsdet_compress.compress.policy import Policy
 
 
-def uniform_bits(view, bits: int, act_bits: int | None = None, criterion: str = "l1") -> Policy:
+def uniform_bits(view, bits: int, act_bits: int | None = None, criterion: str = DEFAULT_CRITERION) -> Policy:
     """Every quantizable conv at ``bits`` per weight (32 = float) and ``act_bits`` per activation."""
     return Policy(detector=view.detector, imgsz=view.imgsz, criterion=criterion,
                   default_weight_bits=bits, default_act_bits=act_bits if act_bits is not None else bits)
 
 
-def magnitude_pruning(view, ratio: float, criterion: str = "l1") -> Policy:
+def magnitude_pruning(view, ratio: float, criterion: str = DEFAULT_CRITERION) -> Policy:
     """Remove the ``ratio`` least important channels of every prunable group (float weights)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
@@ -23,7 +24,7 @@ def magnitude_pruning(view, ratio: float, criterion: str = "l1") -> Policy:
     return Policy(detector=view.detector, imgsz=view.imgsz, criterion=criterion, groups=groups)
 
 
-def two_stage(view, ratio: float, bits: int, act_bits: int | None = None, criterion: str = "l1") -> Policy:
+def two_stage(view, ratio: float, bits: int, act_bits: int | None = None, criterion: str = DEFAULT_CRITERION) -> Policy:
     """Prune at ``ratio``, then quantize what is left uniformly at ``bits``."""
     p = magnitude_pruning(view, ratio, criterion)
     p.default_weight_bits = bits

@@ -65,8 +65,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rsdet_compress.compress.policy import Policy
+from rsdet_compress.compress.quant import FLOAT_BITS
 
-FLOAT_BITS = 32
 #: bits of one fp32 quantization scale per quantized output channel.
 SCALE_BITS = 32
 #: bits of a folded bias/BN per output channel: two fp32 values (scale, shift).

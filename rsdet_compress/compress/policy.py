@@ -32,15 +32,16 @@ import torch
 from torch import nn
 
 from rsdet_compress.atomic import write_text
+from rsdet_compress.compress.importance import CRITERIA, DEFAULT_CRITERION
+from rsdet_compress.compress.quant import FLOAT_BITS
 from rsdet_compress.errors import UserError
 
 SCHEMA = "rsdet-compress/policy"
 VERSION = 1
 #: allowed weight bit-widths; 32 = leave in float. (0 = pruned is expressed by the group's keep.)
-WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 32)
+WEIGHT_BITS = (2, 3, 4, 5, 6, 8, FLOAT_BITS)
 #: allowed activation bit-widths.
-ACT_BITS = (2, 3, 4, 5, 6, 8, 32)
-CRITERIA = ("l1", "l2", "bn_scale", "taylor")
+ACT_BITS = (2, 3, 4, 5, 6, 8, FLOAT_BITS)
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -60,13 +61,13 @@ class Policy:
     detector: str
     imgsz: int = 640
     weights: str | None = None
-    criterion: str = "l1"
+    criterion: str = DEFAULT_CRITERION
     min_channels: int = 1
     groups: dict[str, dict] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
     blocks: dict[str, str] = field(default_factory=dict)
-    default_weight_bits: int = 32
-    default_act_bits: int = 32
+    default_weight_bits: int = FLOAT_BITS
+    default_act_bits: int = FLOAT_BITS
     #: MLflow run id of the search that found this policy (fine-tuning logs as its child); None if hand-made
     search_run: str | None = None
 

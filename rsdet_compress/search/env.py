@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from rsdet_compress.compress.cost import Cost, estimate, kept_channels
+from rsdet_compress.compress.importance import DEFAULT_CRITERION
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.errors import UserError
 from rsdet_compress.search.budget import METRICS, PER_LAYER, Budget
@@ -36,6 +37,8 @@ from rsdet_compress.search.budget import METRICS, PER_LAYER, Budget
 BITS = (2, 3, 4, 5, 6, 8)
 MIN_BITS, MAX_BITS = 2.0, 8.0
 STATE_DIM = 22
+#: an action: (sparsity, mean-bit position, bit spread) of one layer, each in [0, 1]
+ACTION_DIM = 3
 
 
 @dataclass
@@ -99,7 +102,7 @@ class CompressEnv:
 
     def __init__(self, view, scores: dict[str, torch.Tensor], budget: Budget,
                  evaluate: Callable[[Policy], dict], reward: Callable[[float, dict], float],
-                 metric: str = "map50", config: EnvConfig | None = None, criterion: str = "l1"):
+                 metric: str = "map50", config: EnvConfig | None = None, criterion: str = DEFAULT_CRITERION):
         self.view, self.budget, self.evaluate_fn, self.reward_fn = view, budget, evaluate, reward
         self.metric, self.cfg, self.criterion = metric, config or EnvConfig(), criterion
         if self.cfg.mode not in ("joint", "prune", "quant"):
@@ -134,14 +137,14 @@ class CompressEnv:
         self.groups: dict[str, dict] = dict(self.cfg.fixed_groups) if self.cfg.mode == "quant" else {}
         self.layers: dict[str, dict] = {}
         self.sparsity: dict[str, float] = {}
-        self.t, self.prev = 0, np.zeros(3, dtype=np.float32)
+        self.t, self.prev = 0, np.zeros(ACTION_DIM, dtype=np.float32)
         self.episode += 1
         self.candidate = None
         return self._state()
 
     def step(self, action) -> tuple[np.ndarray, bool, np.ndarray]:
         """Apply one layer's action (projected onto the budget wall); returns (state, done, applied action)."""
-        a = np.clip(np.asarray(action, dtype=np.float64).reshape(3), 0.0, 1.0)
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(ACTION_DIM), 0.0, 1.0)
         name = self.steps[self.t]
         a = self._fixed_dims(name, a)
         if not self._feasible(name, a):

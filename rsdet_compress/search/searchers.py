@@ -22,7 +22,7 @@ import numpy as np
 
 from rsdet_compress.compress.baselines import uniform_bits
 from rsdet_compress.errors import UserError
-from rsdet_compress.search.agents import make_agent
+from rsdet_compress.search.agents import AGENTS, make_agent
 from rsdet_compress.search.agents.exploration import fitted, warmup_action
 from rsdet_compress.search.env import STATE_DIM, Candidate, CompressEnv, EnvConfig
 
@@ -160,7 +160,8 @@ class UniformSearcher:
         pass
 
 
-SEARCHERS = {"ajpq": AgentSearcher, "abcp": AgentSearcher, "random": RandomSearcher,
+#: every ``--agent`` name: the learning agents of :data:`agents.AGENTS`, then the baselines
+SEARCHERS = {**dict.fromkeys(AGENTS, AgentSearcher), "random": RandomSearcher,
              "two-stage": TwoStageSearcher, "uniform": UniformSearcher}
 
 

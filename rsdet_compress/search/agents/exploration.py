@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ACTION_DIM = 3
+from rsdet_compress.search.env import ACTION_DIM
 
 
 def warmup_action(rng: np.random.Generator, strength: float) -> np.ndarray:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-ACTION_DIM = 3  # sparsity, mean-bit position, bit spread
+from rsdet_compress.search.env import ACTION_DIM
 
 
 @dataclass
