@@ -8,23 +8,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rsdet_compress.atomic import write_json
-from rsdet_compress.cli import add_trust_weights, comma_list
+from rsdet_compress.cli import add_trust_weights
+from rsdet_compress.cli.options import add_config_args
 from rsdet_compress.errors import UserError
 
+HELP = "latency (median/p90) and throughput on PyTorch and onnxruntime, CPU and CUDA; the first model is the baseline"
+#: LatencyConfig fields whose flags are older than the field names
+RENAMED = {"batches": "batch", "devices": "device"}
 
-def add_benchmark(sub) -> None:
-    p = sub.add_parser("benchmark", help="latency (median/p90) and throughput on PyTorch and onnxruntime, "
-                                         "CPU and CUDA; the first model is the baseline")
+
+def add_benchmark(p: argparse.ArgumentParser) -> None:
+    from rsdet_compress.engine.latency import LatencyConfig
     p.add_argument("--weights", nargs="+", default=[], help="checkpoints / packed files run on PyTorch "
                    "(first = baseline)")
     p.add_argument("--onnx", nargs="+", default=[], help="ONNX files run on onnxruntime (first = the fp32 "
                    "reference for 'vs fp32 ONNX')")
-    p.add_argument("--batch", type=comma_list(int, "integers"), default=(1, 8), help="batch sizes, e.g. 1,8")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per row")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
-    p.add_argument("--imgsz", type=int, help="input side (default: each model's own)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
-    p.add_argument("--device", default="cpu,cuda", help="cpu, cuda or both; cuda rows only where a GPU is")
+    add_config_args(p, LatencyConfig, rename=RENAMED)
     p.add_argument("--out", help="also write the rows as JSON here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-track", dest="track", action="store_false", help="do not log to MLflow")
@@ -32,7 +31,14 @@ def add_benchmark(sub) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
-    from rsdet_compress.engine.latency import LatencyConfig, benchmark, format_rows, machine
+    from rsdet_compress.config import make_config
+    from rsdet_compress.engine.latency import (
+        DEVICES,
+        LatencyConfig,
+        benchmark,
+        format_rows,
+        machine,
+    )
     from rsdet_compress.tracking.mlflow_tracker import Tracker
     artifacts = [*args.weights, *args.onnx]
     if not artifacts:
@@ -40,11 +46,13 @@ def run_benchmark(args: argparse.Namespace) -> None:
     bad = [a for a in args.onnx if not a.lower().endswith(".onnx")]
     if bad:
         raise UserError(f"{bad[0]}: --onnx takes .onnx files")
-    devices = tuple(d.strip() for d in args.device.split(",") if d.strip())
-    if not devices or any(d not in ("cpu", "cuda") for d in devices):
-        raise UserError(f"--device must be cpu, cuda or cpu,cuda, got {args.device!r}")
-    cfg = LatencyConfig(batches=args.batch, runs=args.runs, warmup=args.warmup, imgsz=args.imgsz,
-                        threads=args.threads, devices=devices)
+    opts = {f: getattr(args, f) for f in LatencyConfig.__dataclass_fields__}
+    if args.devices is not None:
+        opts["devices"] = tuple(d.strip() for d in args.devices if d.strip())
+        if not opts["devices"] or any(d not in DEVICES for d in opts["devices"]):
+            raise UserError(f"--device must be {', '.join(DEVICES)} or {','.join(DEVICES)}, "
+                            f"got {','.join(args.devices)!r}")
+    cfg = make_config(LatencyConfig, {}, "command line", **opts)
     for a in artifacts:  # every file checked before any timing starts
         if not Path(a).is_file():
             raise UserError(f"{a}: model file not found")

@@ -6,13 +6,21 @@ import json
 from pathlib import Path
 
 from rsdet_compress.cli import add_trust_weights
+from rsdet_compress.cli.options import ChoicesHelp
 from rsdet_compress.errors import UserError
 
+HELP = "deployable ONNX / int8 ONNX / packed file, checked by mAP against PyTorch"
 
-def add_export(sub) -> None:
-    p = sub.add_parser("export", help="deployable ONNX / int8 ONNX / packed file, checked by mAP against PyTorch")
+
+def _formats() -> tuple[str, ...]:
+    from rsdet_compress.export.exporter import FORMATS
+    return FORMATS
+
+
+def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="float or compressed checkpoint (.pt)")
-    p.add_argument("--format", required=True, help="onnx | onnx-int8 | packed, or several comma-separated")
+    p.add_argument("--format", required=True, metavar="FORMAT[,FORMAT...]",
+                   help=ChoicesHelp("one or several comma-separated of: %(choices)s", _formats))
     p.add_argument("--out", help="artifact path (one format) or folder (several); default beside the weights")
     p.add_argument("--data", help="dataset YAML for the mAP check and calibration (default: the checkpoint's)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split the mAP check runs on")
@@ -38,7 +46,7 @@ def run_export(args: argparse.Namespace) -> None:
     from rsdet_compress.export.onnx import DEFAULT_OPSET
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats:
-        raise UserError("--format is empty; give onnx, onnx-int8 or packed")
+        raise UserError(f"--format is empty; give one or more of {', '.join(FORMATS)}")
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown export format {unknown[0]!r}; choose one of: {', '.join(FORMATS)}")

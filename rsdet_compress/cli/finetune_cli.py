@@ -4,25 +4,15 @@ from __future__ import annotations
 import argparse
 
 from rsdet_compress.cli import add_trust_weights
+from rsdet_compress.cli.options import add_config_args
+
+HELP = "QAT fine-tune a compressed checkpoint, keeping its pruned shapes and bits"
 
 
-def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="QAT fine-tune a compressed checkpoint, keeping its pruned shapes and bits")
+def add_finetune(p: argparse.ArgumentParser) -> None:
+    from rsdet_compress.engine.finetune import FinetuneConfig
     p.add_argument("--config", help="fine-tune recipe YAML (configs/...); flags win")
-    p.add_argument("--weights", help="compressed checkpoint (rsdet-compress compress)")
-    p.add_argument("--data", help="dataset YAML the detector was trained on")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--time", type=float, help="wall-clock cap in hours")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--lr0", type=float)
-    p.add_argument("--teacher", help="float weights to distil from, or 'auto' (the weights it was compressed from)")
-    p.add_argument("--distill", type=float, help="gain of the distillation loss")
-    p.add_argument("--fraction", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.add_argument("--out")
-    p.add_argument("--parent-run", help="MLflow run to log under (default: the search run in the policy)")
-    p.add_argument("--no-track", dest="track", action="store_false", default=None, help="no MLflow logging")
+    add_config_args(p, FinetuneConfig)
     add_trust_weights(p)
 
 

@@ -7,56 +7,59 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
-from rsdet_compress.cli import add_trust_weights, comma_list, trust_scope
-from rsdet_compress.cli.benchmark_cli import add_benchmark, run_benchmark
-from rsdet_compress.cli.export_cli import add_export, run_export
-from rsdet_compress.cli.finetune_cli import add_finetune, run_finetune
-from rsdet_compress.cli.search_cli import add_compare, add_search, run_compare, run_search
+from rsdet_compress.cli import (
+    add_trust_weights,
+    benchmark_cli,
+    export_cli,
+    finetune_cli,
+    search_cli,
+    trust_scope,
+)
+from rsdet_compress.cli.benchmark_cli import run_benchmark
+from rsdet_compress.cli.export_cli import run_export
+from rsdet_compress.cli.finetune_cli import run_finetune
+from rsdet_compress.cli.options import ChoicesHelp, add_config_args
+from rsdet_compress.cli.search_cli import run_compare, run_search
 from rsdet_compress.errors import UserError
 
 
-def _add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="convert a raw data set into tiled YOLO chips + COCO ground truth")
-    p.add_argument("--format", help="yolo | coco | airbus | dota | voc")
-    p.add_argument("--src", help="raw data set folder (absolute, or relative to $RSDET_DATA)")
-    p.add_argument("--out", help="output folder (must not exist unless --overwrite)")
+def _detectors() -> list[str]:
+    from rsdet_compress.detectors.registry import list_detectors
+    return list_detectors()
+
+
+def _readers() -> list[str]:
+    from rsdet_compress.data.readers import READERS
+    return sorted(READERS)
+
+
+def _criteria() -> list[str]:
+    from rsdet_compress.compress.importance import CRITERIA
+    return list(CRITERIA)
+
+
+def _merge_methods() -> tuple[str, ...]:
+    from rsdet_compress.engine.slicer import MERGE_METHODS
+    return MERGE_METHODS
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    from rsdet_compress.data.prepare import PrepareConfig
     p.add_argument("--config", help="YAML with any of the options below (flags win)")
-    p.add_argument("--tile", type=int)
-    p.add_argument("--overlap", type=float, help="fraction of a tile shared with its neighbour, 0..<1")
-    p.add_argument("--rescale", type=float)
-    p.add_argument("--min-visibility", type=float)
-    p.add_argument("--split", type=comma_list(float, "numbers"),
-                   help="train,val,test fractions of source images, summing to 1, train > 0, e.g. 0.8,0.1,0.1")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--keep-empty", type=float, help="fraction of box-free train chips kept")
-    p.add_argument("--classes", help="file with one class name per line (fixes the class order)")
-    p.add_argument("--missing-labels", help="error (default) | empty")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an existing --out (never one that is, contains or lies inside --src)")
+    add_config_args(p, PrepareConfig, choices={"format": _readers})
     p.add_argument("--quiet", action="store_true")
 
 
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a detector (CPU or GPU) and score it with COCO mAP")
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from rsdet_compress.engine.trainer import AUGMENTATIONS, TrainConfig
     p.add_argument("--config", help="training recipe YAML (configs/...); flags win")
-    p.add_argument("--model", help="skynet | yolov8n | yolo11n")
-    p.add_argument("--data", help="dataset YAML from `data prepare`")
-    p.add_argument("--weights", help="local .pt to start from")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--time", type=float, help="wall-clock cap in hours")
-    p.add_argument("--imgsz", type=int)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--fraction", type=float)
-    p.add_argument("--out")
-    p.add_argument("--no-track", dest="track", action="store_false", default=None, help="no MLflow logging")
+    add_config_args(p, TrainConfig, choices={"model": _detectors, "augment": lambda: AUGMENTATIONS})
     add_trust_weights(p)
 
 
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="COCO mAP, AP by size and class, params and GFLOPs")
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -69,8 +72,7 @@ def _add_evaluate(sub) -> None:
     add_trust_weights(p)
 
 
-def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="detect objects, draw them, write COCO-style JSON")
+def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True)
     p.add_argument("--source", required=True, help="an image or a folder of images")
     p.add_argument("--out", required=True)
@@ -81,31 +83,30 @@ def _add_predict(sub) -> None:
     p.add_argument("--slice", type=int, help="sliced inference: window side in model-input pixels (at the "
                    "training scale, like `data prepare --tile`); default: automatic for large images")
     p.add_argument("--overlap", type=float, default=0.2, help="overlap of neighbouring windows (0..<1)")
-    p.add_argument("--merge", default="nms", help="merge windows' boxes: nms | wbf (weighted box fusion)")
+    p.add_argument("--merge", default="nms", metavar="NAME",
+                   help=ChoicesHelp("merge windows' boxes (wbf: weighted box fusion); one of: %(choices)s",
+                                    _merge_methods))
     p.add_argument("--full-pass", action="store_true", help="also run the whole image at reduced resolution")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     add_trust_weights(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rsdet-compress", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
-    _add_prepare(data)
-    _add_train(sub)
-    _add_evaluate(sub)
-    _add_predict(sub)
-    p = sub.add_parser("policy", help="write a policy: a baseline, or a template listing every group/layer/block")
+def _add_policy(p: argparse.ArgumentParser) -> None:
+    from rsdet_compress.compress.importance import DEFAULT_CRITERION
+    from rsdet_compress.compress.quant import FLOAT_BITS
     p.add_argument("--weights", required=True, help="float weights the policy is for")
-    p.add_argument("--uniform-bits", type=int, default=32, help="weight bits of every quantizable layer")
+    p.add_argument("--uniform-bits", type=int, default=FLOAT_BITS, help="weight bits of every quantizable layer")
     p.add_argument("--act-bits", type=int, help="activation bits (default: same as --uniform-bits)")
     p.add_argument("--prune", type=float, default=0.0, help="fraction of channels removed from every group")
-    p.add_argument("--criterion", default="l1", help="l1 | l2 | bn_scale | taylor")
+    p.add_argument("--criterion", default=DEFAULT_CRITERION, metavar="NAME",
+                   help=ChoicesHelp("channel ranking, one of: %(choices)s", _criteria))
     p.add_argument("--imgsz", type=int)
     p.add_argument("--out", required=True)
     add_trust_weights(p)
-    p = sub.add_parser("compress", help="apply a policy: a physically pruned, fake-quantized checkpoint")
+
+
+def _add_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True)
     p.add_argument("--policy", required=True)
     p.add_argument("--out", required=True)
@@ -114,13 +115,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round8", action="store_true",
                    help="round kept channel counts up to multiples of 8 (int8 kernel granularity) before applying")
     add_trust_weights(p)
-    sub.add_parser("models", help="list registered detectors")
-    add_search(sub)
-    add_finetune(sub)
-    add_compare(sub)
-    add_export(sub)
-    add_benchmark(sub)
+
+
+#: sub-command -> (help, function adding its flags); "data" holds sub-commands of its own
+PARSERS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None]] = {
+    "data": ("data set tools", None),
+    "train": ("train a detector (CPU or GPU) and score it with COCO mAP", _add_train),
+    "evaluate": ("COCO mAP, AP by size and class, params and GFLOPs", _add_evaluate),
+    "predict": ("detect objects, draw them, write COCO-style JSON", _add_predict),
+    "policy": ("write a policy: a baseline, or a template listing every group/layer/block", _add_policy),
+    "compress": ("apply a policy: a physically pruned, fake-quantized checkpoint", _add_compress),
+    "models": ("list registered detectors", None),
+    "search": (search_cli.SEARCH_HELP, search_cli.add_search),
+    "finetune": (finetune_cli.HELP, finetune_cli.add_finetune),
+    "compare": (search_cli.COMPARE_HELP, search_cli.add_compare),
+    "export": (export_cli.HELP, export_cli.add_export),
+    "benchmark": (benchmark_cli.HELP, benchmark_cli.add_benchmark),
+}
+DATA_PARSERS = {"prepare": ("convert a raw data set into tiled YOLO chips + COCO ground truth", _add_prepare)}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every sub-command; with ``command``, only that one gets its flags.
+
+    A sub-command's flags come from its config dataclass, which lives beside torch or ultralytics: building
+    all of them would make every command (and ``--help``) pay for imports it does not need.
+    """
+    parser = argparse.ArgumentParser(prog="rsdet-compress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (text, add) in PARSERS.items():
+        p = sub.add_parser(name, help=text)
+        if name == "data":
+            data = p.add_subparsers(dest="data_command", required=True)
+            for dname, (dtext, dadd) in DATA_PARSERS.items():
+                dp = data.add_parser(dname, help=dtext)
+                if command in (None, name):
+                    dadd(dp)
+        elif add is not None and command in (None, name):
+            add(p)
     return parser
+
+
+def _command(argv: list[str]) -> str:
+    """The sub-command named in ``argv`` ("" if none: the top-level parser answers)."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _options(args: argparse.Namespace, *skip: str) -> dict:
@@ -262,7 +300,8 @@ COMMANDS = {"data": _run_prepare, "train": _run_train, "evaluate": _run_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
         with trust_scope(args):
             COMMANDS[args.command](args)

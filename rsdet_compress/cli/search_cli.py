@@ -6,42 +6,61 @@ import json
 from pathlib import Path
 
 from rsdet_compress.cli import add_trust_weights
+from rsdet_compress.cli.options import ChoicesHelp, add_config_args
 from rsdet_compress.errors import UserError
 
+SEARCH_HELP = "AJPQ search: joint pruning + mixed precision under a budget, mAP reward"
+COMPARE_HELP = "table + Pareto plot of several searches (MLflow parent run ids)"
+#: flags of the search command that are not SearchConfig fields
+_NOT_CONFIG = ("command", "resume", "out", "quiet", "trust_weights")
 
-def add_search(sub) -> None:
-    p = sub.add_parser("search", help="AJPQ search: joint pruning + mixed precision under a budget, mAP reward")
-    p.add_argument("--weights", help="float weights to compress")
-    p.add_argument("--data", help="dataset YAML; calibration and reward chips come from its train split")
-    p.add_argument("--agent", default="ajpq", help="ajpq | abcp | random | two-stage | uniform")
-    p.add_argument("--budget", action="append", help="NAME=FRACTION of the float model, NAME in size|bops|flops "
-                   "(repeatable), e.g. --budget size=0.125 --budget bops=0.02")
-    p.add_argument("--episodes", type=int, help="candidate evaluations (default 100; with --resume: the search's own"
-                   " count, or more to extend it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reward", default="accuracy", help="accuracy | accuracy_log_cost | accuracy_minus_cost")
-    p.add_argument("--metric", default="map50", help="map50 | map50_95: the accuracy the reward reads")
-    p.add_argument("--criterion", default="l1", help="channel ranking: l1 | l2 | bn_scale | taylor")
-    p.add_argument("--calib-images", type=int, default=32)
-    p.add_argument("--reward-images", type=int, default=64)
-    p.add_argument("--act-bits", type=int, default=8)
-    p.add_argument("--channel-multiple", type=int, default=1,
-                   help="round kept channel counts up to a multiple of this in the search (8 for int8 CPU deploys)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default rsdet-compress)")
+
+def _agents() -> list[str]:
+    from rsdet_compress.search.searchers import SEARCHERS
+    return list(SEARCHERS)
+
+
+def _rewards() -> list[str]:
+    from rsdet_compress.search.rewards import REWARDS
+    return list(REWARDS)
+
+
+def _metrics() -> tuple[str, ...]:
+    from rsdet_compress.search.runner import METRICS
+    return METRICS
+
+
+def _budget_metrics() -> list[str]:
+    from rsdet_compress.search.budget import METRICS
+    return list(METRICS)
+
+
+def _criteria() -> list[str]:
+    from rsdet_compress.compress.importance import CRITERIA
+    return list(CRITERIA)
+
+
+def add_search(p: argparse.ArgumentParser) -> None:
+    from rsdet_compress.search.runner import SearchConfig
+    add_config_args(p, SearchConfig,
+                    choices={"agent": _agents, "reward": _rewards, "metric": _metrics, "criterion": _criteria},
+                    extra={"budget": {"action": "append", "type": None, "metavar": "NAME=FRACTION", "help": ChoicesHelp(
+                        "NAME=FRACTION of the float model, NAME one of %(choices)s (repeatable), e.g. "
+                        "--budget size=0.125 --budget bops=0.02", _budget_metrics)}})
     p.add_argument("--resume", metavar="RUN_ID", help="continue a killed search (same parent MLflow run)")
     p.add_argument("--out", help="also write the best policy here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_trust_weights(p)
 
 
-def add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="table + Pareto plot of several searches (MLflow parent run ids)")
+def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--out", default=None, help="plot path (default runs/compare/<ids>.png)")
     p.add_argument("--json", action="store_true")
 
 
 def run_search(args: argparse.Namespace) -> None:
+    from rsdet_compress.config import make_config
     from rsdet_compress.search.runner import SearchConfig, search
     if args.resume:
         r = search(resume=args.resume, progress=not args.quiet,
@@ -49,13 +68,8 @@ def run_search(args: argparse.Namespace) -> None:
     else:
         if not args.weights or not args.data:
             raise UserError("search needs --weights and --data (or --resume RUN_ID)")
-        cfg = SearchConfig(weights=args.weights, data=args.data, agent=args.agent,
-                           budget=args.budget or ["size=0.125"], seed=args.seed,
-                           episodes=100 if args.episodes is None else args.episodes,
-                           reward=args.reward, metric=args.metric, criterion=args.criterion,
-                           calib_images=args.calib_images, reward_images=args.reward_images, act_bits=args.act_bits,
-                           channel_multiple=args.channel_multiple,
-                           **({"experiment": args.experiment} if args.experiment else {}))
+        opts = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+        cfg = make_config(SearchConfig, {}, "command line", **opts)  # flags not given: SearchConfig's defaults
         r = search(cfg, progress=not args.quiet)
     print(f"search run {r.run_id}: {len(r.candidates)} candidates in {r.wall_seconds:.0f} s"
           + (f", evaluation/forward time ratio {r.eval_ratio:.1f}" if r.eval_ratio else ""))

@@ -31,23 +31,30 @@ from rsdet_compress.data.tiling import boxes_in_tile, check_tile_count, scale_bo
 from rsdet_compress.errors import UserError
 from rsdet_compress.settings import resolve_data_path
 
+#: values of ``missing_labels``: refuse an image without a label file, or take it as box-free.
+MISSING_LABELS = ("error", "empty")
+
 
 @dataclass
 class PrepareConfig:
     """How to turn a raw data set into training chips. Defaults suit ~0.5 m/px satellite scenes."""
 
+    #: raw data set format (the reader that parses it).
     format: str
+    #: raw data set folder (absolute, or relative to $RSDET_DATA).
     src: str
+    #: output folder (must not exist unless --overwrite).
     out: str
     #: chip side in pixels after rescaling; 640 is ultralytics' native training size.
     tile: int = 640
-    #: fraction of a tile shared with its neighbour, so objects cut by one border are whole in the next.
+    #: fraction of a tile shared with its neighbour, 0..<1, so objects cut by one border are whole in the next.
     overlap: float = 0.2
     #: image scale applied before tiling (0.5 halves resolution: fewer, cheaper chips for big objects).
     rescale: float = 1.0
     #: a box keeps its label in a tile only if at least this fraction of it is visible there.
     min_visibility: float = 0.5
-    #: train/val/test fractions of SOURCE images (tiles of one image never straddle splits).
+    #: train,val,test fractions of SOURCE images, summing to 1, train > 0, e.g. 0.8,0.1,0.1 (tiles of one image
+    #: never straddle splits).
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     #: seed of the split and of the empty-tile sampling; same seed, same output.
     seed: int = 0
@@ -55,13 +62,13 @@ class PrepareConfig:
     keep_empty: float = 0.1
     #: fixed class order (file with one name per line); None = the reader's order.
     classes: str | None = None
-    #: "error" (default) or "empty": how to treat an image without a label file.
+    #: how to treat an image without a label file: "error" (default) or "empty".
     missing_labels: str = "error"
     #: fraction of unreadable images tolerated (skipped and counted) before it becomes an error.
     max_bad_images: float = 0.05
     #: JPEG quality of written chips (PNG sources stay PNG, losslessly).
     jpeg_quality: int = 95
-    #: replace an existing output folder instead of refusing.
+    #: replace an existing --out instead of refusing (never one that is, contains or lies inside --src).
     overwrite: bool = False
     reader_options: dict = field(default_factory=dict)
 
@@ -84,7 +91,7 @@ class PrepareConfig:
             raise UserError(f"--split gives train {split[0]}: the training split must get source images")
         if not 0.0 <= self.keep_empty <= 1.0:
             raise UserError(f"--keep-empty must be in [0, 1], got {self.keep_empty}")
-        if self.missing_labels not in ("error", "empty"):
+        if self.missing_labels not in MISSING_LABELS:
             raise UserError(f"--missing-labels must be 'error' or 'empty', got {self.missing_labels!r}")
         if not 0.0 <= self.max_bad_images <= 1.0:
             raise UserError(f"max_bad_images must be in [0, 1], got {self.max_bad_images}")

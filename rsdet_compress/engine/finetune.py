@@ -36,7 +36,7 @@ from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.engine.trainer import DetectorTrainer, TrainConfig, _overrides
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
-from rsdet_compress.tracking.mlflow_tracker import Tracker
+from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, Tracker
 
 
 @dataclass
@@ -53,15 +53,16 @@ class FinetuneConfig:
     time: float | None = None
     #: images per step; 16 fits a 2-core CPU and keeps BN statistics stable.
     batch: int = 16
-    #: plain SGD: "auto" would pick a from-scratch learning rate for short runs.
+    #: ultralytics optimizer; plain SGD by default: "auto" would pick a from-scratch learning rate for short runs.
     optimizer: str = "SGD"
-    #: a fifth of the from-scratch rate: the weights start trained, a large step jumps quantization grid cells.
+    #: initial learning rate, a fifth of the from-scratch rate: the weights start trained, a large step jumps
+    #: quantization grid cells.
     lr0: float = 0.002
-    #: no warm-up: warm-up ramps the bias LR from 0.1, which would wreck trained biases.
+    #: warm-up epochs; none by default: warm-up ramps the bias LR from 0.1, which would wreck trained biases.
     warmup_epochs: float = 0.0
-    #: less mosaic than training from scratch: the model already knows context; real chips dominate.
+    #: mosaic probability, less than training from scratch: the model already knows context; real chips dominate.
     mosaic: float = 0.5
-    #: last epochs on plain chips.
+    #: turn mosaic off for the last N epochs (plain chips).
     close_mosaic: int = 2
     #: float teacher weights for distillation; "" = none; "auto" = the float weights the checkpoint was made from.
     teacher: str = ""
@@ -71,14 +72,19 @@ class FinetuneConfig:
     fraction: float = 1.0
     #: validate every epoch (ultralytics metrics); the final COCO evaluation always runs.
     val: bool = True
+    #: seeds python, numpy and torch.
     seed: int = 0
+    #: "cpu", "0" (first GPU)...
     device: str = "cpu"
     #: output folder: weights/last.pt, weights/best.pt, metrics.json.
     out: str = "runs/finetune/model"
-    experiment: str = "rsdet-compress"
+    #: MLflow experiment.
+    experiment: str = DEFAULT_EXPERIMENT
+    #: log to MLflow (--no-track: no logging).
     track: bool = True
     #: MLflow run to log under; default: the search run recorded in the policy, if any.
     parent_run: str | None = None
+    #: print ultralytics' per-batch progress.
     verbose: bool = False
 
     def check(self) -> None:

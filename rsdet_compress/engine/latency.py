@@ -24,18 +24,28 @@ from rsdet_compress.engine.scorer import check_imgsz
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.loader import OnnxDetector, load_model
 
+#: devices a benchmark can time on
+DEVICES = ("cpu", "cuda")
+
 
 @dataclass
 class LatencyConfig:
     """How a latency measurement is taken."""
 
-    batches: tuple[int, ...] = (1, 8)  # 1 = a drone's frame-by-frame loop; 8 = tiles of a scene in one pass
-    runs: int = 30                     # timed passes per row: p90 of 30 is stable to a few % on an idle CPU
-    warmup: int = 5                    # untimed passes: kernel selection, allocator, CUDA context
-    imgsz: int | None = None           # input side; None = the artifact's own (its training size)
-    threads: int | None = None         # CPU threads for both backends; None = torch's default (all cores)
-    devices: tuple[str, ...] = ("cpu", "cuda")  # cuda rows appear only where a GPU (or ORT CUDA provider) is
-    seed: int = 0                      # the random input batch
+    #: batch sizes, e.g. 1,8: 1 = a drone's frame-by-frame loop; 8 = tiles of a scene in one pass
+    batches: tuple[int, ...] = (1, 8)
+    #: timed runs per row: p90 of 30 is stable to a few % on an idle CPU
+    runs: int = 30
+    #: untimed runs first: kernel selection, allocator, CUDA context
+    warmup: int = 5
+    #: input side; None = each model's own (its training size)
+    imgsz: int | None = None
+    #: CPU threads for both backends; None = torch's default (all cores)
+    threads: int | None = None
+    #: cpu, cuda or both (cpu,cuda); cuda rows appear only where a GPU (or ORT CUDA provider) is
+    devices: tuple[str, ...] = DEVICES
+    #: seed of the random input batch
+    seed: int = 0
 
     def __post_init__(self) -> None:
         """Bad values fail before any model is loaded; 0 is an error, never "the default"."""

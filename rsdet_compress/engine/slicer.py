@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
-
 from ultralytics.utils.nms import non_max_suppression
 
 from rsdet_compress.data.letterbox import PAD_VALUE, letterbox

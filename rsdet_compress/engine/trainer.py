@@ -23,14 +23,17 @@ from rsdet_compress.detectors.registry import create_detector
 from rsdet_compress.engine.augment import REPLACED_HYP, overhead_augmentations
 from rsdet_compress.engine.scorer import check_imgsz, evaluate
 from rsdet_compress.errors import UserError
-from rsdet_compress.tracking.mlflow_tracker import Tracker
+from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, Tracker
+
+#: values of ``augment``: our overhead-imagery pipeline, or ultralytics' own defaults.
+AUGMENTATIONS = ("overhead", "ultralytics")
 
 
 @dataclass
 class TrainConfig:
     """Training recipe. Every field can come from a YAML in configs/ or a CLI flag."""
 
-    #: registered detector name (skynet, yolov8n, yolo11n).
+    #: registered detector name.
     model: str = "skynet"
     #: dataset YAML written by ``data prepare``.
     data: str = ""
@@ -74,14 +77,15 @@ class TrainConfig:
     val: bool = True
     #: output folder: weights/last.pt, weights/best.pt, metrics.json.
     out: str = "runs/train/skynet"
-    #: MLflow experiment; track=False disables logging.
-    experiment: str = "rsdet-compress"
+    #: MLflow experiment.
+    experiment: str = DEFAULT_EXPERIMENT
+    #: log to MLflow (--no-track: no logging).
     track: bool = True
     #: print ultralytics' per-batch progress.
     verbose: bool = True
 
     def check(self) -> None:
-        if self.augment not in ("overhead", "ultralytics"):
+        if self.augment not in AUGMENTATIONS:
             raise UserError(f"augment must be 'overhead' or 'ultralytics', got {self.augment!r}")
         if self.epochs < 1 or self.batch < 1:
             raise UserError(f"--epochs and --batch must be >= 1, got {self.epochs} and {self.batch}")

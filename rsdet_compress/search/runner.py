@@ -20,6 +20,7 @@ import torch
 from rsdet_compress.atomic import write_json, write_text
 from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.cost import estimate
+from rsdet_compress.compress.importance import DEFAULT_CRITERION
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.detectors.checkpoint import check_classes
@@ -44,21 +45,26 @@ _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 class SearchConfig:
     """One search. Saved in the checkpoint, so ``--resume`` needs only the run id."""
 
+    #: float weights to compress
     weights: str = ""
+    #: dataset YAML; calibration and reward chips come from its train split
     data: str = ""
-    #: ajpq | abcp | random | two-stage | uniform
+    #: the search agent (a learning agent or a baseline searcher)
     agent: str = "ajpq"
-    #: e.g. ["size=0.125"] (8x smaller weight storage) and/or ["bops=0.02"]
+    #: NAME=FRACTION of the float model, NAME a budget metric (search.budget.METRICS), e.g. size=0.125 (8x smaller
+    #: weight storage) and/or bops=0.02
     budget: list[str] = field(default_factory=lambda: ["size=0.125"])
-    #: candidate evaluations; AMC/HAQ use hundreds, 100-300 is a practical CPU range
+    #: candidate evaluations; AMC/HAQ use hundreds, 100-300 is a practical CPU range (with --resume: the search's
+    #: own count, or more to extend it)
     episodes: int = 100
+    #: seeds torch, the agent and the choice of calibration and reward chips
     seed: int = 0
     #: reward function name (search.rewards); accuracy under the hard budget is HAQ's choice
     reward: str = "accuracy"
-    #: the accuracy the reward reads: COCO mAP@0.5 by default, or map50_95
+    #: the accuracy the reward reads: COCO mAP@0.5 (map50) by default, or mAP@0.5:0.95
     metric: str = "map50"
-    #: channel ranking criterion shared by both controllers (l1 | l2 | bn_scale | taylor)
-    criterion: str = "l1"
+    #: channel ranking criterion shared by both controllers
+    criterion: str = DEFAULT_CRITERION
     #: training chips for BN/activation calibration of every candidate
     calib_images: int = 32
     #: other training chips the reward mAP is measured on (never the reporting split)
@@ -70,7 +76,9 @@ class SearchConfig:
     #: kept channel counts rounded up to a multiple of this inside the search (8: what int8 CPU kernels want, and
     #: the budget then holds for the deployed file; 1: exact counts)
     channel_multiple: int = 1
+    #: MLflow experiment
     experiment: str = DEFAULT_EXPERIMENT
+    #: "cpu", "cuda"... where candidates are evaluated
     device: str = "cpu"
 
 
