@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from rsdet_compress.cli import add_trust_weights
-from rsdet_compress.cli.options import ChoicesHelp
+from rsdet_compress.cli.options import ChoicesHelp, add_config_args
 from rsdet_compress.errors import UserError
 
 HELP = "deployable ONNX / int8 ONNX / packed file, checked by mAP against PyTorch"
@@ -18,18 +18,13 @@ def _formats() -> tuple[str, ...]:
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
+    from rsdet_compress.data.split import SPLITS
+    from rsdet_compress.export.exporter import ExportOptions
     p.add_argument("--weights", required=True, help="float or compressed checkpoint (.pt)")
     p.add_argument("--format", required=True, metavar="FORMAT[,FORMAT...]",
                    help=ChoicesHelp("one or several comma-separated of: %(choices)s", _formats))
     p.add_argument("--out", help="artifact path (one format) or folder (several); default beside the weights")
-    p.add_argument("--data", help="dataset YAML for the mAP check and calibration (default: the checkpoint's)")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split the mAP check runs on")
-    p.add_argument("--calib-images", type=int, default=64, help="training chips for int8 calibration")
-    p.add_argument("--tolerance", type=float, help="allowed |mAP50 difference| (default: the format's own)")
-    p.add_argument("--round8", action="store_true",
-                   help="round kept channel counts up to a multiple of 8 (compressed checkpoints)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the newest the exporter writes)")
-    p.add_argument("--batch", type=int, default=16, help="evaluation batch size")
+    add_config_args(p, ExportOptions, extra={"split": {"choices": SPLITS}})
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_trust_weights(p)
 
@@ -42,8 +37,17 @@ def _row(r: dict) -> str:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from rsdet_compress.export.exporter import FORMATS, default_out, export
-    from rsdet_compress.export.onnx import DEFAULT_OPSET
+    from dataclasses import asdict, fields
+
+    from rsdet_compress.config import make_config
+    from rsdet_compress.export.exporter import (
+        FORMATS,
+        ExportOptions,
+        default_out,
+        export,
+    )
+    opts = asdict(make_config(ExportOptions, {}, "command line",
+                              **{f.name: getattr(args, f.name) for f in fields(ExportOptions)}))
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats:
         raise UserError(f"--format is empty; give one or more of {', '.join(FORMATS)}")
@@ -59,14 +63,11 @@ def run_export(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
     reports = []
     if not args.json:
-        print(f"{'format':10} {'file':28} {'size':>11} {'x fp32':>7}  mAP on {args.split}")
+        print(f"{'format':10} {'file':28} {'size':>11} {'x fp32':>7}  mAP on {opts['split']}")
     for fmt in formats:
-        target = out / default_out(args.weights, fmt, args.round8).name if out is not None and len(formats) > 1 \
+        target = out / default_out(args.weights, fmt, opts["round8"]).name if out is not None and len(formats) > 1 \
             else out
-        r = export(args.weights, fmt, out=target, data=args.data, split=args.split, calib_images=args.calib_images,
-                   tolerance=args.tolerance, round8=args.round8,
-                   opset=DEFAULT_OPSET if args.opset is None else args.opset,
-                   batch=args.batch)
+        r = export(args.weights, fmt, out=target, **opts)
         reports.append(r)
         if not args.json:
             print(_row(r), flush=True)
@@ -74,4 +75,4 @@ def run_export(args: argparse.Namespace) -> None:
         print(json.dumps({"artifacts": reports}))
     else:
         print(f"fp32 = the same architecture's float tensors at 4 bytes; checked on {reports[0]['images']} "
-              f"{args.split} images of {reports[0]['data']}")
+              f"{opts['split']} images of {reports[0]['data']}")

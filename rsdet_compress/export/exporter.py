@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -69,6 +70,26 @@ ONNX_QDQ_TOLERANCE = 0.01
 #: packed file: reloads bit-exactly (same fake-quantized model), so the mAP must be identical.
 PACKED_TOLERANCE = 1e-9
 TOLERANCES = {"onnx": ONNX_TOLERANCE, "onnx-int8": INT8_TOLERANCE, "packed": PACKED_TOLERANCE}
+
+
+@dataclass
+class ExportOptions:
+    """How an artifact is made and checked: the defaults of :func:`export` and the ``export`` command's flags."""
+
+    #: dataset YAML for the mAP check and calibration (default: the checkpoint's)
+    data: str | None = None
+    #: split the mAP check runs on
+    split: str = "val"
+    #: training chips for int8 calibration
+    calib_images: int = 64
+    #: allowed |mAP50 difference| (default: the format's own)
+    tolerance: float | None = None
+    #: round kept channel counts up to a multiple of 8 (compressed checkpoints)
+    round8: bool = False
+    #: ONNX opset (default: the newest the exporter writes)
+    opset: int = DEFAULT_OPSET
+    #: evaluation batch size
+    batch: int = 16
 
 _REFERENCE_CACHE: dict[tuple, dict] = {}
 
@@ -173,9 +194,11 @@ def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, img
     return {k: v for k, v in r.items() if k not in ("path", "bytes", "fp32_bytes", "ratio")}
 
 
-def export(weights: str | Path, format: str, out: str | Path | None = None, data: str | Path | None = None,
-           split: str = "val", calib_images: int = 64, tolerance: float | None = None, round8: bool = False,
-           opset: int = DEFAULT_OPSET, batch: int = 16) -> dict:
+def export(weights: str | Path, format: str, out: str | Path | None = None,
+           data: str | Path | None = ExportOptions.data, split: str = ExportOptions.split,
+           calib_images: int = ExportOptions.calib_images, tolerance: float | None = ExportOptions.tolerance,
+           round8: bool = ExportOptions.round8, opset: int = ExportOptions.opset,
+           batch: int = ExportOptions.batch) -> dict:
     """Export ``weights`` (a float or compressed checkpoint) as ``format`` and verify it by mAP.
 
     Returns the report: ``path``, ``bytes`` (on disk), ``fp32_bytes`` (the same architecture's
