@@ -88,6 +88,8 @@ def test_existing_flags_keep_their_names():
             "--resume", "--out", "--quiet"} <= flags(["search"])
     assert {"--weights", "--onnx", "--batch", "--runs", "--warmup", "--imgsz", "--threads", "--device", "--out",
             "--json", "--no-track"} <= flags(["benchmark"])
+    assert {"--weights", "--format", "--out", "--data", "--split", "--calib-images", "--tolerance", "--round8",
+            "--opset", "--batch", "--json"} <= flags(["export"])
 
 
 @pytest.mark.parametrize("argv", [["data", "prepare", "--help"], ["compare", "--help"], ["--help"]])
