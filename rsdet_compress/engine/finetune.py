@@ -36,7 +36,11 @@ from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.engine.trainer import DetectorTrainer, TrainConfig, _overrides
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
-from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, Tracker
+from rsdet_compress.tracking.mlflow_tracker import (
+    DEFAULT_EXPERIMENT,
+    PARENT_TAG,
+    Tracker,
+)
 
 
 @dataclass
@@ -205,7 +209,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     parent = cfg.parent_run or getattr(policy, "search_run", None)
     tags = {"stage": "finetune", "detector": meta.get("detector", "")}
     if parent:
-        tags["mlflow.parentRunId"] = parent
+        tags[PARENT_TAG] = parent
     base = evaluate(cfg.weights, data.yaml_path, split="val", imgsz=imgsz, device=cfg.device)
     with tracker.run(f"finetune-{meta.get('detector', '')}", params=asdict(cfg), tags=tags) as run_id:
         trainer = FinetuneTrainer(model, _overrides(tcfg, data, out), tracker, save_meta, teacher, cfg.distill)

@@ -20,13 +20,12 @@ from rsdet_compress.atomic import write_text
 from rsdet_compress.errors import UserError
 from rsdet_compress.tracking.mlflow_tracker import (
     DEFAULT_EXPERIMENT,
+    PARENT_TAG,
     experiment_id,
     log_metrics_to,
     log_params_to,
     store_client,
 )
-
-PARENT_TAG = "mlflow.parentRunId"
 
 # every store call of the logbook goes through this name (tests swap it for a store that goes down)
 _client = store_client

@@ -37,6 +37,8 @@ from rsdet_compress.errors import UserError
 from rsdet_compress.settings import runs_root
 
 DEFAULT_EXPERIMENT = "rsdet-compress"
+#: the tag that nests a run under another in the MLflow UI (search candidates, a fine-tune under its search)
+PARENT_TAG = "mlflow.parentRunId"
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
 _HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 #: retries and seconds of the up-front check: a live store answers at once
