@@ -60,9 +60,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    from rsdet_compress.data.split import SPLITS
     p.add_argument("--weights", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", choices=SPLITS)
     p.add_argument("--imgsz", type=int)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cpu")

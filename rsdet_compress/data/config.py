@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from rsdet_compress.data.record import list_images, parse_names
+from rsdet_compress.data.split import SPLITS
 from rsdet_compress.errors import UserError
 from rsdet_compress.textio import read_text
 
@@ -62,7 +63,7 @@ def load_data_config(path: str | Path) -> DataConfig:
     names = parse_names(data.get("names"), str(path))
     if not names:
         raise UserError(f"{path}: field 'names' missing or empty")
-    for key in ("path", "train", "val", "test"):
+    for key in ("path", *SPLITS):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise UserError(f"{path}: field '{key}' must be one folder path, got {data[key]!r}")
     for key, kind in (("coco", dict), ("rsdet", dict)):
@@ -71,7 +72,7 @@ def load_data_config(path: str | Path) -> DataConfig:
     root = Path(data.get("path") or path.parent)
     if not root.is_absolute():
         root = path.parent / root if data.get("path") else root
-    images = {s: root / data[s] for s in ("train", "val", "test") if data.get(s)}
+    images = {s: root / data[s] for s in SPLITS if data.get(s)}
     for s in ("train", "val"):
         if s not in images:
             raise UserError(f"{path}: field '{s}' missing")
