@@ -28,7 +28,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache
-from typing import Any, Self
+from typing import Any
 
 from rsdet_compress.cli import comma_list
 
@@ -41,7 +41,7 @@ class ChoicesHelp(str):
 
     choices: Callable[[], Iterable[str]]
 
-    def __new__(cls, text: str, choices: Callable[[], Iterable[str]]) -> Self:
+    def __new__(cls, text: str, choices: Callable[[], Iterable[str]]) -> ChoicesHelp:
         obj = super().__new__(cls, text)
         obj.choices = choices
         return obj
