@@ -60,7 +60,8 @@ def _markdown(rows: list[dict], command: str) -> str:
         + "".join(f"{r['test_ap50_per_class'][c]:.4f} | " for c in classes)
         + f"{r['epochs']} | {r['train_minutes']} | {r['images_per_second']} |\n"
         for r in rows)
-    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+    cpu = platform.processor() or platform.machine()
+    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
            "inference = batch 16 forward + NMS on the test chips (CPU)")
     return f"# Baselines: airbus-aircraft, trained from scratch on CPU\n\n{head}{body}\n{env}\n\nCommand: `{command}`\n"
 

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RSDET_DATA="${RSDET_DATA:-$(cd .. && pwd)/shared/data}"
 export YOLO_OFFLINE=1
+.venv/bin/ruff check rsdet_compress tests benchmarks   # lint first: seconds, and CI fails on it
 exec .venv/bin/python -m pytest -q "$@"

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rsdet_compress.cli.main import main
+
 # Imported now (it imports ultralytics): ultralytics binds its log handler to the sys.stdout of the
 # moment it is first imported; inside a test that would be a capsys stream closed after the test.
 from rsdet_compress.detectors.checkpoint import save_detector

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from rsdet_compress.cli.main import main
+
 # Imported now (it imports ultralytics): ultralytics binds its log handler to the sys.stdout of the
 # moment it is first imported; inside a test that would be a capsys stream closed after the test.
 from rsdet_compress.detectors import registry  # noqa: F401

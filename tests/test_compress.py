@@ -103,7 +103,7 @@ def test_random_policies_run_forward_and_backward(view: CompressibleView, seed: 
     scores = {g: torch.rand(view.groups[g].size, generator=torch.Generator().manual_seed(seed)) for g in view.groups}
     resolved = resolve(policy, view, scores)
     model = apply_policy(view, resolved)
-    for name, info in view.layers.items():  # physically smaller tensors, not masks
+    for name in view.layers:  # physically smaller tensors, not masks
         if not any(name.startswith(b + ".") for b in policy.skipped):
             conv = model.get_submodule(name)
             assert conv.out_channels == view.kept(name, "out", resolved), name

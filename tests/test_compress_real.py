@@ -54,9 +54,9 @@ def test_compressed_model_trains_and_validates_in_ultralytics_loop(setup, small_
     """One epoch of ultralytics' own train + validate loop on a pruned 4-bit model keeps its structure."""
     from rsdet_compress.compress.baselines import two_stage
     from rsdet_compress.compress.quant import QConv2d
-    from rsdet_compress.runtime.checkpoint import load_detector
-    from rsdet_compress.engine.trainer import DetectorTrainer, TrainConfig, _overrides
     from rsdet_compress.data.config import load_data_config as _data
+    from rsdet_compress.engine.trainer import DetectorTrainer, TrainConfig, _overrides
+    from rsdet_compress.runtime.checkpoint import load_detector
 
     ws, _, calib, _ = setup
     policy = ws.resolve(two_stage(ws.view, 0.3, 4))

@@ -9,8 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from rsdet_compress.compress.quant import (ActQuantizer, QConv2d, calibrate_activations, fake_quant_weight,
-                                           quantized_weight, set_calibrating)
+from rsdet_compress.compress.quant import (
+    ActQuantizer,
+    QConv2d,
+    calibrate_activations,
+    fake_quant_weight,
+    quantized_weight,
+    set_calibrating,
+)
 
 torch.set_num_threads(1)  # a long CPU benchmark shares this machine
 

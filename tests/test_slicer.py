@@ -16,12 +16,11 @@ from torchvision.ops import box_iou
 from rsdet_compress.cli.main import main
 from rsdet_compress.engine import predictor
 from rsdet_compress.engine.geo import GeoreferenceWarning
-from rsdet_compress.engine.slicer import (SceneReader, SliceOptions, merge_detections, predict_sliced,
-                                          tile_windows)
+from rsdet_compress.engine.slicer import SceneReader, SliceOptions, merge_detections, predict_sliced, tile_windows
 
 rasterio = pytest.importorskip("rasterio")
-from rasterio.errors import NotGeoreferencedWarning  # noqa: E402
 from affine import Affine  # noqa: E402
+from rasterio.errors import NotGeoreferencedWarning  # noqa: E402
 
 
 class BrightBoxDetector(nn.Module):

@@ -7,8 +7,16 @@ import pytest
 
 from rsdet_compress.data.record import Box
 from rsdet_compress.data.split import split_sources
-from rsdet_compress.data.tiling import (MAX_TILES_PER_IMAGE, Tile, boxes_in_tile, check_tile_count, scale_box,
-                                        tile_count, tile_grid, tile_starts)
+from rsdet_compress.data.tiling import (
+    MAX_TILES_PER_IMAGE,
+    Tile,
+    boxes_in_tile,
+    check_tile_count,
+    scale_box,
+    tile_count,
+    tile_grid,
+    tile_starts,
+)
 from rsdet_compress.errors import UserError
 
 

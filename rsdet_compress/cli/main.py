@@ -216,7 +216,8 @@ def _run_compress(args) -> None:
     print(format_cost(estimate(view, r["policy"]), estimate(view)))
     if r["round8"]:
         print(f"round8: {r['round8']['channels_added']} channels added in {r['round8']['groups_changed']} groups")
-    print(f"wrote {args.out}" + ("" if args.data else "  (not calibrated: pass --data to calibrate BN and activations)"))
+    hint = "" if args.data else "  (not calibrated: pass --data to calibrate BN and activations)"
+    print(f"wrote {args.out}{hint}")
 
 
 def _print_side_by_side(r: dict) -> None:

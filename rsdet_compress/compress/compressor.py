@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from rsdet_compress.compress.apply import apply_policy
-from rsdet_compress.compress.calibration import (accumulate_gradients, calibrate, calibration_set,
-                                                  check_calib_images)
+from rsdet_compress.compress.calibration import accumulate_gradients, calibrate, calibration_set, check_calib_images
 from rsdet_compress.compress.importance import importance_scores
 from rsdet_compress.compress.policy import Policy, fingerprint, resolve
 from rsdet_compress.compress.rounding import round_policy

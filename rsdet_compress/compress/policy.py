@@ -131,7 +131,8 @@ class Policy:
             group = view.groups.get(name)
             if group is None:
                 raise UserError(f"{where}: unknown channel group")
-            if not isinstance(spec, dict) or len(set(spec) & {"keep", "keep_idx"}) != 1 or set(spec) - {"keep", "keep_idx"}:
+            keys = {"keep", "keep_idx"}
+            if not isinstance(spec, dict) or len(set(spec) & keys) != 1 or set(spec) - keys:
                 raise UserError(f"{where}: give exactly one of 'keep' (ratio) or 'keep_idx' (list)")
             if "keep" in spec:
                 r = spec["keep"]

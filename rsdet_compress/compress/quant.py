@@ -25,7 +25,7 @@ each costs one tiny host sync per layer and forward.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -196,7 +196,7 @@ class QConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, weight_bits: Sequence[int] | int = FLOAT_BITS,
-                  act_bits: int = FLOAT_BITS) -> "QConv2d":
+                  act_bits: int = FLOAT_BITS) -> QConv2d:
         """A QConv2d with ``conv``'s hyper-parameters that shares its weight/bias Parameters (no copy)."""
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,

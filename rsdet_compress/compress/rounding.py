@@ -41,7 +41,10 @@ def _out_pairs(view, group: str, layer: str) -> list[tuple[int, int]]:
 
 
 def _rebit(view, group: str, layer: str, bits: list[int], keep: set[int], new: set[int]) -> list[int]:
-    """``layer``'s per-channel bit list for group channels ``new`` instead of ``keep`` (added ones: the common width)."""
+    """``layer``'s per-channel bit list for group channels ``new`` instead of ``keep``.
+
+    Added channels get the common width.
+    """
     pairs = _out_pairs(view, group, layer) or [(r, r) for r in range(view.groups[group].size)]
     if len(pairs) != view.layers[layer].out_channels:
         raise UserError(f"round8: layer {layer}: output channels follow more than group {group}")

@@ -130,7 +130,7 @@ def _measure_torch(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
         for b in cfg.batches:
             x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
             with torch.inference_mode():
-                t = time_fn(lambda: m(x), cfg.runs, cfg.warmup, sync)
+                t = time_fn(lambda m=m, x=x: m(x), cfg.runs, cfg.warmup, sync)
             rows.append(LatencyRow(str(path), "pytorch", device, b, imgsz, size_bytes=path.stat().st_size,
                                    extra={"compressed": bool(meta.get("compressed"))}, **summarize(t, b)))
         model.to("cpu")
@@ -145,7 +145,7 @@ def _measure_onnx(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
         for b in cfg.batches:
             x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
             feed = {det.input_name: x}
-            t = time_fn(lambda: det.session.run(None, feed), cfg.runs, cfg.warmup)
+            t = time_fn(lambda det=det, feed=feed: det.session.run(None, feed), cfg.runs, cfg.warmup)
             rows.append(LatencyRow(str(path), "onnxruntime", device, b, imgsz, size_bytes=path.stat().st_size,
                                    extra={"precision": det.meta.get("precision")}, **summarize(t, b)))
         del det

@@ -31,8 +31,7 @@ from rsdet_compress.compress.quant import FLOAT_BITS, ActQuantizer, QConv2d, qua
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.bnfold import fold
 from rsdet_compress.runtime.checkpoint import load_detector
-from rsdet_compress.runtime.packed import (DTYPES, FORMAT, MAGIC, NUMPY_DTYPES, PREFIX, VERSION,
-                                           quantized_convs)
+from rsdet_compress.runtime.packed import DTYPES, FORMAT, MAGIC, NUMPY_DTYPES, PREFIX, VERSION, quantized_convs
 
 #: torch dtype -> raw tensor dtype name in the tensor table
 _CODE = {v: k for k, v in DTYPES.items()}

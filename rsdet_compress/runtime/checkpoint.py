@@ -15,8 +15,13 @@ from torch import nn
 from rsdet_compress.compress.apply import apply_policy
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.compress.view import CompressibleView
-from rsdet_compress.detectors.checkpoint import (CHECKPOINT_FORMAT, from_ultralytics, load_state, read_checkpoint,
-                                                 skeleton)
+from rsdet_compress.detectors.checkpoint import (
+    CHECKPOINT_FORMAT,
+    from_ultralytics,
+    load_state,
+    read_checkpoint,
+    skeleton,
+)
 from rsdet_compress.errors import UserError
 
 

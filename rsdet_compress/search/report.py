@@ -25,7 +25,8 @@ def plot_searches(searches: dict[str, list[dict]], out: Path, metric: str = "map
     for ax, (key, label) in zip(axes, [("compression_ratio", "weight storage (x smaller)"),
                                        ("bops_ratio", "BOPs (x fewer)")]):
         for name, recs in searches.items():
-            pts = [(1.0 / r["metrics"][key], r["metrics"][metric]) for r in recs if r["metrics"].get(metric) is not None]
+            pts = [(1.0 / r["metrics"][key], r["metrics"][metric]) for r in recs
+                   if r["metrics"].get(metric) is not None]
             if not pts:
                 continue
             xs, ys = zip(*pts)

@@ -194,8 +194,9 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         if in_budget and (best is None or cand.reward > best["metrics"]["reward"]):
             best = {**summary_rec, "policy": rec["policy"]}
         if best:
-            book.update_parent({"best_reward": best["metrics"]["reward"], f"best_{cfg.metric}": best["metrics"][cfg.metric],
-                                "best_compression_ratio": best["metrics"]["compression_ratio"]}, step=episode)
+            m = best["metrics"]
+            book.update_parent({"best_reward": m["reward"], f"best_{cfg.metric}": m[cfg.metric],
+                                "best_compression_ratio": m["compression_ratio"]}, step=episode)
         save_state(out_dir / "state.pt", {
             "config": asdict(cfg), "searcher": searcher.state_dict(), "pending": book.pending,
             "records": records, "best": best, "next_episode": episode + 1, "wall_seconds": time.perf_counter() - t0,

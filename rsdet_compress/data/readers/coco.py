@@ -52,7 +52,7 @@ def _check_structure(path: Path, data: object) -> None:
                 raise UserError(f"{path}: {key}[{k}] id {item['id']!r} is used twice")
             seen.add(item["id"])
     files: dict = {}
-    for k, im in enumerate(data["images"]):
+    for im in data["images"]:
         fname = im["file_name"]
         if not isinstance(fname, str) or not fname:
             raise UserError(f"{path}: image id {im['id']}: file_name must be a non-empty string")

@@ -6,8 +6,14 @@ from collections import Counter
 from pathlib import Path
 
 from rsdet_compress.data.readers import register_reader
-from rsdet_compress.data.record import (BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, check_declared_size,
-                                       list_images)
+from rsdet_compress.data.record import (
+    BoxSanitizer,
+    DetectionSet,
+    ImageChecker,
+    ImageRecord,
+    check_declared_size,
+    list_images,
+)
 from rsdet_compress.errors import UserError
 
 

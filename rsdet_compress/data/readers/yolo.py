@@ -7,8 +7,7 @@ from pathlib import Path
 import yaml
 
 from rsdet_compress.data.readers import read_class_file, register_reader
-from rsdet_compress.data.record import (BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images,
-                                       parse_names)
+from rsdet_compress.data.record import BoxSanitizer, DetectionSet, ImageChecker, ImageRecord, list_images, parse_names
 from rsdet_compress.errors import UserError
 from rsdet_compress.textio import read_text
 

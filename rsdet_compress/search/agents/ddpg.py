@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,7 +204,8 @@ class AJPQAgent:
         if self.elite is None or r > self.elite[0]:
             self.elite = (r, np.stack([t[0] for t in traj]).astype(np.float32),
                           np.stack([t[1] for t in traj]).astype(np.float32))
-        self.baseline = r if self.baseline is None else cfg.baseline_decay * self.baseline + (1 - cfg.baseline_decay) * r
+        decay = cfg.baseline_decay
+        self.baseline = r if self.baseline is None else decay * self.baseline + (1 - decay) * r
         if self.episodes_seen >= cfg.warmup_episodes:
             self.sigma *= cfg.sigma_decay
         self.episodes_seen += 1

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,7 +144,8 @@ class ABCPAgent:
                 "std": self.std,
             }
             self.std = max(cfg.std_min, self.std * cfg.std_decay)
-        self.baseline = r if self.baseline is None else cfg.baseline_decay * self.baseline + (1 - cfg.baseline_decay) * r
+        decay = cfg.baseline_decay
+        self.baseline = r if self.baseline is None else decay * self.baseline + (1 - decay) * r
         self.episodes_seen += 1
 
     def update_policy(self) -> dict[str, float]:

@@ -43,7 +43,7 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int) -> dict[str, np.ndarray]:
-        """A uniform minibatch as a dict of arrays (``states``, ``actions``, ``rewards``, ``next_states``, ``dones``)."""
+        """A uniform minibatch: arrays ``states``, ``actions``, ``rewards``, ``next_states``, ``dones``."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
         idx = self.rng.choice(self.size, size=batch_size, replace=batch_size > self.size)
