@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # never let ultralytics reach for the network
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,15 @@ def tiny_data(kit_dir: Path, tmp_path_factory) -> Path:
     prepare(PrepareConfig(format="yolo", src=str(kit_dir), out=str(out), tile=256, overlap=0.0,
                           keep_empty=0.0, seed=0), progress=False)
     return out / "data.yaml"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, thread contention costs more than it gains."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import run_error
 from PIL import Image
 
 from rsdet_compress.cli.main import main
@@ -39,20 +40,6 @@ def run_ok(capsys, argv: list) -> str:
     out, err = capsys.readouterr()
     assert rc == 0, f"exit {rc}: {err}"
     return out
-
-
-def run_error(capsys, argv: list, *needles: str) -> str:
-    """Exit code 2 and exactly one ``error:`` line naming every needle; no traceback."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 2, f"exit code {rc}; stdout={out!r} stderr={err!r}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in out + err
-    for n in needles:
-        assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def assert_no_output(parent: Path, name: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clitools import copy_kit, run_error
 
 from rsdet_compress.cli.main import main
 
@@ -26,31 +27,9 @@ from rsdet_compress.detectors.checkpoint import save_detector
 from rsdet_compress.detectors.registry import create_detector
 from rsdet_compress.runtime.checkpoint import load_detector
 
-KIT_IMAGES = ["MOS155", "MOS156", "MOS157", "MOS158"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DEAD_STORE = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine, thread contention costs more than it gains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run_error(capsys, argv: list, *needles: str) -> str:
-    """Run ``main(argv)``; assert exit code 2 and exactly one ``error:`` line naming ``needles``."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 2, f"exit code {rc}; stdout={out[-500:]!r} stderr={err[-2000:]!r}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected exactly one stderr line, got: {err!r}"
-    assert lines[0].startswith("error: ") and "Traceback" not in err + out, lines[0]
-    for n in needles:
-        assert str(n) in lines[0], f"{n!r} not named in {lines[0]!r}"
-    return lines[0]
 
 
 def partials(folder: Path) -> list[str]:
@@ -67,13 +46,7 @@ def kit_names(kit_dir: Path) -> list[str]:
 def data(kit_dir: Path, tmp_path_factory) -> Path:
     """Four real KIT images (1764 x 430) at 1/4 scale in 256 px chips: a data.yaml with 5 classes."""
     from rsdet_compress.data.prepare import PrepareConfig, prepare
-    src = tmp_path_factory.mktemp("raw") / "kit4"
-    (src / "images").mkdir(parents=True)
-    (src / "labels").mkdir()
-    shutil.copy(kit_dir / "classes.txt", src / "classes.txt")
-    for s in KIT_IMAGES:
-        shutil.copy(kit_dir / "images" / f"{s}.png", src / "images")
-        shutil.copy(kit_dir / "labels" / f"{s}.txt", src / "labels")
+    src = copy_kit(kit_dir, tmp_path_factory.mktemp("raw") / "kit4")
     out = tmp_path_factory.mktemp("prep") / "kit4"
     prepare(PrepareConfig(format="yolo", src=str(src), out=str(out), tile=256, overlap=0.0, rescale=0.5,
                           split=(0.5, 0.25, 0.25), seed=0), progress=False)

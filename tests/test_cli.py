@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from clitools import KIT_IMAGES, copy_kit, run_error
 
 from rsdet_compress.cli.main import main
 
@@ -26,44 +26,9 @@ from rsdet_compress.cli.main import main
 # moment it is first imported; inside a test that would be a capsys stream closed after the test.
 from rsdet_compress.detectors import registry  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = Path(sys.executable).parent / "rsdet-compress"
-KIT_IMAGES = ["MOS155", "MOS156", "MOS157", "MOS158"]
 PREP_FLAGS = ["--tile", "256", "--overlap", "0", "--split", "0.5,0.25,0.25", "--seed", "0", "--quiet"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine, thread contention costs more than it gains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run_error(capsys, argv: list[str], *needles: str) -> str:
-    """Run ``main(argv)``; assert exit code 2 and one ``error:`` line on stderr naming ``needles``."""
-    capsys.readouterr()  # drop anything printed before
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 2, f"exit code {rc}; stdout={out!r} stderr={err!r}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected exactly one stderr line, got: {err!r}"
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in err + out
-    for n in needles:
-        assert str(n) in lines[0], f"{n!r} not named in {lines[0]!r}"
-    return lines[0]
-
-
-def copy_kit(kit_dir: Path, dst: Path, stems: list[str] = KIT_IMAGES) -> Path:
-    """A raw YOLO-layout data set of a few real KIT images: images/, labels/, classes.txt."""
-    (dst / "images").mkdir(parents=True)
-    (dst / "labels").mkdir()
-    shutil.copy(kit_dir / "classes.txt", dst / "classes.txt")
-    for s in stems:
-        shutil.copy(kit_dir / "images" / f"{s}.png", dst / "images")
-        shutil.copy(kit_dir / "labels" / f"{s}.txt", dst / "labels")
-    return dst
 
 
 def leftovers(folder: Path) -> list[str]:

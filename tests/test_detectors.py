@@ -18,19 +18,12 @@ from rsdet_compress.detectors.registry import create_detector, list_detectors
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NC = 3
 NAMES = ["car", "truck", "bus"]
 IMGSZ = 256
 ALL = list_detectors()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine, thread contention costs more than it gains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
