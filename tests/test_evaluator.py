@@ -16,7 +16,7 @@ import torch
 
 from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.data.letterbox import letterbox
-from rsdet_compress.engine.evaluator import Evaluator, coco_metrics
+from rsdet_compress.engine.evaluator import Evaluator, coco_metrics, torch_device
 from rsdet_compress.errors import UserError
 
 H, W = 96, 128
@@ -180,10 +180,10 @@ def test_max_images_and_unreadable_image(tmp_path: Path) -> None:
     assert es.image_ids == [1, 2] and es.images.shape == (2, 3, 32, 32)
     bad = tmp_path / "images" / "tile3.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(UserError, match="tile3.png: unreadable image"):
+    with pytest.raises(UserError, match="tile3.png: unreadable or corrupt image"):
         EvalSet.from_coco(json_path, tmp_path / "images", imgsz=32)
     bad.unlink()
-    with pytest.raises(UserError, match="unreadable image"):
+    with pytest.raises(UserError, match="tile3.png: image file not found"):
         EvalSet.from_coco(json_path, tmp_path / "images", imgsz=32)
 
 
@@ -247,3 +247,16 @@ def test_evaluator_real_ultralytics_model(evalset: EvalSet) -> None:
     assert m["ap_large"] is None
     assert set(m["per_class"]) == {"plane", "car"}
     assert m["images"] == 3 and m["num_detections"] >= 0
+
+
+@pytest.mark.parametrize("spec, want", [("cpu", "cpu"), ("0", "cuda:0"), ("1,2", "cuda:1"), (" 0 ", "cuda:0"),
+                                        ("cuda:1", "cuda:1"), (torch.device("cpu"), "cpu")])
+def test_device_spelled_as_ultralytics_spells_it(spec, want) -> None:
+    """``--device 0`` trains on the first GPU; the final evaluation must read it the same way."""
+    assert torch_device(spec) == torch.device(want)
+
+
+def test_evaluator_accepts_a_gpu_index_spec(evalset: EvalSet) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU here; the spec itself is checked above")
+    assert Evaluator(evalset, device="0").device == torch.device("cuda:0")

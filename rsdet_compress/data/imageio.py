@@ -81,6 +81,8 @@ def _corrupt(path: Path, reason: str) -> CorruptImage:
 def _header(path: Path) -> tuple[tuple[int, int], int] | None:
     """((width, height) as stored, EXIF orientation) from PIL, or None when PIL cannot
     identify the format (cv2 may still decode it: e.g. some multi-band TIFFs)."""
+    if not path.is_file():  # say so plainly: "[Errno 2]" inside "corrupt image" reads as damage
+        raise CorruptImage(f"{path}: image file not found")
     try:
         with _no_pixel_limit(), _open(path) as im:
             size = im.size

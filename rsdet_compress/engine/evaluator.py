@@ -120,6 +120,16 @@ def _input_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def torch_device(spec: str | torch.device) -> torch.device:
+    """A device as ultralytics and our configs spell it ("cpu", "0", "0,1", "cuda:0"), as torch wants it.
+
+    ``device: 0`` means the first GPU to the trainer, but ``torch.device("0")`` is an error, which
+    crashed the final evaluation after a whole GPU training run. Several GPUs evaluate on the first.
+    """
+    if isinstance(spec, torch.device):
+        return spec
+    first = str(spec).strip().split(",")[0].strip()
+    return torch.device(f"cuda:{first}" if first.isdigit() else first)
 class Evaluator:
     """Scores detectors on one :class:`EvalSet`: batched forward, NMS, COCOeval.
 
@@ -138,7 +148,7 @@ class Evaluator:
         self.evalset = evalset
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self.batch, self.multi_label = batch, multi_label
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         self._images = evalset.images.to(self.device)
         self._cat_ids = np.asarray(evalset.category_ids, dtype=np.float64)
 

@@ -14,7 +14,7 @@ from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.detectors.checkpoint import check_classes
-from rsdet_compress.engine.evaluator import Evaluator
+from rsdet_compress.engine.evaluator import Evaluator, torch_device
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.loader import load_model
 
@@ -68,7 +68,7 @@ def evaluate(weights: str | Path, data: str | Path, split: str = "val", imgsz: i
     check_classes(meta, cfg.names, weights, data)
     imgsz = int(imgsz if imgsz is not None else meta.get("imgsz") or 640)
     evalset = EvalSet.from_coco(cfg.split_coco(split), cfg.split_images(split), imgsz, max_images=max_images)
-    model.to(device)
+    model.to(torch_device(device))
     metrics = Evaluator(evalset, conf=conf, iou=iou, batch=batch, device=device)(model)
     return {"weights": str(weights), "detector": meta.get("detector"), "split": split, "imgsz": imgsz,
             **metrics, **({"params": None, "gflops": None} if meta.get("onnx") else  # torch cannot count a session
@@ -94,7 +94,7 @@ def evaluate_policy(weights: str | Path, policy: str | Path, data: str | Path, s
     out = {}
     ref, cost_c = estimate(ws.view), estimate(ws.view, resolved)
     for label, model, cost in (("float", ws.view.model, ref), ("compressed", compressed, cost_c)):
-        m = evaluator(model.to(device))
+        m = evaluator(model.to(evaluator.device))
         out[label] = {"map50": m["map50"], "map50_95": m["map50_95"], "per_class": m["per_class"],
                       "params": cost.params, "size_mb": cost.size_mb, "gflops": cost.gflops, "gbops": cost.gbops}
     out["ratios"] = cost_c.ratios(ref)
