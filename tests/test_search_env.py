@@ -61,8 +61,10 @@ def test_every_episode_meets_the_budget(view, budget):
 
 def test_same_actions_give_the_same_episode(view):
     env1, env2 = _env(view, ["size=0.125"]), _env(view, ["size=0.125"])
-    rng = np.random.default_rng(3)  # one generator shared by both runs, as before
-    a = [_run(e, lambda t: rng.random(3)) for e in (env1, env2)]
+    def actions(seed: int):  # a fresh generator per run: both see the same action sequence
+        rng = np.random.default_rng(seed)
+        return lambda t: rng.random(3)
+    a = [_run(e, actions(3)) for e in (env1, env2)]
     assert np.array_equal(a[0][0], a[1][0]) and np.array_equal(a[0][1], a[1][1])
     assert a[0][2].policy.to_dict() == a[1][2].policy.to_dict()
 
