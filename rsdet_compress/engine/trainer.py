@@ -167,6 +167,9 @@ def train(cfg: TrainConfig) -> dict:
     cfg.check()
     data = load_data_config(cfg.data)
     tracker = Tracker(cfg.experiment, enabled=cfg.track).check()  # a dead store fails here, not after training
+    # ultralytics seeds only once its trainer exists, after the model is built: without this the initial
+    # weights depended on whatever drew from torch's generator earlier in the process (test order, say).
+    torch.manual_seed(cfg.seed)
     model = create_detector(cfg.model, len(data.names), weights=cfg.weights, names=data.names)
     if cfg.device == "cpu":  # ultralytics uses channels_last on CUDA only; on CPU it is 1.5-2x faster too
         model = model.to(memory_format=torch.channels_last)
