@@ -285,9 +285,9 @@ class _DropPreprocessHint(logging.Filter):
         return "pre-processing" not in record.getMessage()
 
 
-#: int8 weight codes stay within 7 bits (-64..63) by default. On x86 CPUs without VNNI (AVX2, AVX-512F
+#: int8 weight codes stay within 7 bits (symmetric, -64..64) by default. On x86 CPUs without VNNI (AVX2, AVX-512F
 #: alone) onnxruntime's uint8 x int8 kernels use VPMADDUBSW, which adds two products into a saturating
-#: int16: 255 * 127 * 2 overflows it, 255 * 63 * 2 cannot. Measured on an AVX2 EPYC, test-suite YOLOv8n,
+#: int16: 255 * 127 * 2 overflows it, 255 * 64 * 2 cannot. Measured on an AVX2 EPYC, test-suite YOLOv8n,
 #: airbus val: full 8-bit weights dmAP50 -0.022 (-0.144 on another training of the same recipe), 7-bit
 #: -0.0008. VNNI and ARM kernels don't saturate: ``full_range_weights`` is for such targets only.
 FULL_RANGE_WEIGHTS = False
@@ -298,7 +298,7 @@ def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable,
     """int8 static quantization of one of our float ONNX files with onnxruntime (QDQ format).
 
     Weights: int8, symmetric, per output channel (``per_channel``), codes within
-    -64..63 unless ``full_range_weights`` (see :data:`FULL_RANGE_WEIGHTS`); activations:
+    -64..64 unless ``full_range_weights`` (see :data:`FULL_RANGE_WEIGHTS`); activations:
     uint8 with MinMax ranges calibrated on ``calib_batches`` (real training chips,
     float 0..1). The box decoding after the head convs stays float (see
     :func:`_post_conv_nodes`); ``quantize_head_outputs=False`` also keeps the
