@@ -2,7 +2,7 @@
 
 Public API (the CLI ``rsdet-compress`` is a thin layer over these)::
 
-    from rsdet_compress import create_detector, list_detectors, prepare, train, evaluate, predict
+    from rsdet_compress import create_detector, list_detectors, prepare, train, evaluate, predict, recover
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 from rsdet_compress.errors import UserError  # noqa: E402
 
 __all__ = ["UserError", "create_detector", "list_detectors", "prepare", "train", "evaluate", "predict",
-           "load_detector", "__version__"]
+           "load_detector", "recover", "__version__"]
 
 
 def __getattr__(name: str):
@@ -38,6 +38,9 @@ def __getattr__(name: str):
     if name == "evaluate":
         from rsdet_compress.engine.scorer import evaluate
         return evaluate
+    if name == "recover":
+        from rsdet_compress.engine.recovery import recover
+        return recover
     if name == "predict":
         from rsdet_compress.engine.predictor import predict
         return predict

@@ -14,6 +14,7 @@ from rsdet_compress.cli import (
     benchmark_cli,
     export_cli,
     finetune_cli,
+    recover_cli,
     search_cli,
     trust_scope,
 )
@@ -21,6 +22,7 @@ from rsdet_compress.cli.benchmark_cli import run_benchmark
 from rsdet_compress.cli.export_cli import run_export
 from rsdet_compress.cli.finetune_cli import run_finetune
 from rsdet_compress.cli.options import ChoicesHelp, add_config_args
+from rsdet_compress.cli.recover_cli import run_recover
 from rsdet_compress.cli.search_cli import run_compare, run_search
 from rsdet_compress.errors import UserError
 
@@ -128,6 +130,7 @@ PARSERS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None]]
     "compress": ("apply a policy: a physically pruned, fake-quantized checkpoint", _add_compress),
     "models": ("list registered detectors", None),
     "search": (search_cli.SEARCH_HELP, search_cli.add_search),
+    "recover": (recover_cli.HELP, recover_cli.add_recover),
     "finetune": (finetune_cli.HELP, finetune_cli.add_finetune),
     "compare": (search_cli.COMPARE_HELP, search_cli.add_compare),
     "export": (export_cli.HELP, export_cli.add_export),
@@ -297,7 +300,7 @@ def _run_models(args) -> None:
 
 COMMANDS = {"data": _run_prepare, "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
             "policy": _run_policy, "compress": _run_compress, "search": run_search, "compare": run_compare,
-            "export": run_export, "finetune": run_finetune, "benchmark": run_benchmark,
+            "export": run_export, "finetune": run_finetune, "recover": run_recover, "benchmark": run_benchmark,
             "models": _run_models}
 
 

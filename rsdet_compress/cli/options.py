@@ -53,7 +53,19 @@ class ChoicesHelp(str):
 @cache
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> its documentation comment in ``cls``'s source (``#:`` lines above it, else the trailing
-    ``# ...`` on its line); ``field(metadata={"help": ...})`` wins."""
+    ``# ...`` on its line), base dataclasses' fields included; ``field(metadata={"help": ...})`` wins."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            out.update(_own_field_help(base))
+    for f in dataclasses.fields(cls):
+        if "help" in f.metadata:
+            out[f.name] = f.metadata["help"]
+    return out
+
+
+def _own_field_help(cls: type) -> dict[str, str]:
+    """The comments of the fields written in ``cls``'s own class body."""
     try:
         lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     except (OSError, TypeError):
@@ -76,9 +88,6 @@ def field_help(cls: type) -> dict[str, str]:
                 out[m.group(1)] = text
         if not line.startswith("#"):
             pending = []
-    for f in dataclasses.fields(cls):
-        if "help" in f.metadata:
-            out[f.name] = f.metadata["help"]
     return out
 
 

@@ -1,0 +1,274 @@
+"""Block reconstruction: fit each layer of a compressed detector to reproduce the float detector's output.
+
+The post-training recovery of BRECQ / QDrop, for pruned and quantized
+detectors: units (top-level layers, :mod:`rsdet_compress.compress.units`) are
+fitted one after another, in forward order. A unit's input comes from the
+already-fitted compressed units before it, its target from the float model on
+the float input, sliced to the channels the compressed unit kept; so each
+unit also compensates what earlier units could not recover. Per unit:
+
+1. activation ranges re-fit: each of the unit's activation quantizers tries
+   its calibrated min/max range shrunk by a few factors and keeps the one with
+   the lowest quantization error of its input (the MSE range search of
+   TensorRT/OpenVINO calibrators: clipping outliers buys resolution for the rest);
+2. weights (and BN affine, biases) by Adam on the output MSE, through the
+   straight-through fake quantization, so rounding decisions may flip: the
+   learned-rounding idea of AdaRound without its extra variables. A pruned
+   layer's consumers re-fit themselves to the channels left (the
+   least-squares compensation of ThiNet/CaP, reached by gradient steps);
+3. QDrop: during the fit, each input element is the compressed or the float
+   activation with probability ``drop``, which flattens the loss surface in
+   the directions the next units' errors will push.
+
+Structure and bit-widths never change: only values of existing Parameters
+and of activation ranges move. Everything runs on the images given (training
+chips), held in memory per unit: the live activations of both models.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rsdet_compress.compress.quant import ActQuantizer
+from rsdet_compress.compress.units import Unit, select
+
+
+@dataclass
+class ReconstructConfig:
+    """How hard each unit is fitted. Every field is also a ``recover`` flag."""
+
+    #: Adam steps per unit; BRECQ uses 20k on a GPU, a few hundred already recover most of the error.
+    iters: int = 300
+    #: images per step; small batches suit 2 CPU cores, the activation cache holds every image anyway.
+    batch: int = 8
+    #: Adam learning rate of conv weights: about a 4-bit quantization step over ~100 steps, so rounding can flip.
+    lr: float = 1e-4
+    #: learning rate of biases and BN affine parameters (outputs scale: larger steps are safe).
+    bias_lr: float = 1e-3
+    #: QDrop probability of replacing a compressed input element by the float one during fitting.
+    drop: float = 0.5
+    #: shrink factors tried for each activation range (1.0 = the calibrated min/max); each costs one rounding.
+    range_factors: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4)
+    #: seeds the batch sampling and the QDrop masks.
+    seed: int = 0
+
+
+def _inputs(store: dict[int, Tensor], source: int | list[int], index: int, rows: Tensor | slice):
+    """A unit's input for ``rows`` of the stored outputs (ultralytics' ``m.f`` convention)."""
+    def get(j: int) -> Tensor:
+        return store[index - 1 if j == -1 else j][rows]
+    return [get(j) for j in source] if isinstance(source, list) else get(source)
+
+
+def _source_maps(units: list[Unit], unit: Unit) -> list[Tensor | None] | Tensor | None:
+    def get(j: int):
+        k = unit.index - 1 if j == -1 else j
+        return units[k].out_map if k >= 0 else None
+    return [get(j) for j in unit.source] if isinstance(unit.source, list) else get(unit.source)
+
+
+def _flat(out) -> list[Tensor]:
+    """The tensors a unit's output is compared on: a tensor, or a head's raw prediction dict (no features)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, tuple):  # Detect in eval mode: (decoded, raw dict)
+        return _flat(out[1])
+    if isinstance(out, dict):
+        return [t for k in sorted(out) if k != "feats" for t in _flat(out[k])]
+    if isinstance(out, list):
+        return [t for o in out for t in _flat(o)]
+    raise TypeError(f"cannot compare a unit output of type {type(out).__name__}")
+
+
+def _mix(xc, xf, maps, drop: float, gen: torch.Generator):
+    """QDrop: each element from the float input (sliced to the kept channels) with probability ``drop``."""
+    if isinstance(xc, list):
+        return [_mix(c, f, m, drop, gen) for c, f, m in zip(xc, xf, maps, strict=True)]
+    f = select(xf, maps)
+    keep = torch.rand(xc.shape, generator=gen, device=xc.device) >= drop
+    return torch.where(keep, xc, f)
+
+
+class _Store:
+    """Live layer outputs of one model over all images (what later layers still read), on the CPU."""
+
+    def __init__(self, images: Tensor, needed: dict[int, int]) -> None:
+        self.data: dict[int, Tensor] = {-1: images}
+        self.needed = needed  # layer -> last layer that reads it
+
+    def put(self, index: int, value: Tensor | None) -> None:
+        if value is not None:
+            self.data[index] = value
+        for k in [k for k in self.data if k >= 0 and self.needed.get(k, -1) <= index]:
+            del self.data[k]
+        if index >= 0 and -1 in self.data:
+            del self.data[-1]
+
+
+def _readers(units: list[Unit]) -> dict[int, int]:
+    """For each layer, the last layer that reads its output."""
+    last: dict[int, int] = {}
+    for u in units:
+        for j in u.source if isinstance(u.source, list) else [u.source]:
+            last[u.index - 1 if j == -1 else j] = u.index
+    return last
+
+
+@torch.no_grad()
+def _run(module: nn.Module, store: dict[int, Tensor], unit: Unit, n: int, chunk: int,
+         index: Tensor | None = None) -> Tensor | list[Tensor]:
+    """``module`` over all ``n`` stored inputs in chunks; a tensor output is sliced to ``index`` channels."""
+    outs = []
+    for s in range(0, n, chunk):
+        out = module(_inputs(store, unit.source, unit.index, slice(s, s + chunk)))
+        outs.append(select(out, index) if isinstance(out, Tensor) else _flat(out))
+    if isinstance(outs[0], Tensor):
+        return torch.cat(outs)
+    return [torch.cat(parts) for parts in zip(*outs, strict=True)]
+
+
+def _error(pred: list[Tensor], target: list[Tensor]) -> Tensor:
+    """Relative squared error: sum of squared differences over the target's sum of squares."""
+    num = sum(((p - t) ** 2).sum() for p, t in zip(pred, target, strict=True))
+    den = sum((t ** 2).sum() for t in target)
+    return num / den.clamp_min(1e-12)
+
+
+def _as_list(x) -> list[Tensor]:
+    return x if isinstance(x, list) else [x]
+
+
+def _unit_error(unit: Unit, store: dict[int, Tensor], target: list[Tensor], rows: Tensor | slice) -> float:
+    with torch.no_grad():
+        return float(_error(_flat(unit.compressed(_inputs(store, unit.source, unit.index, rows))),
+                            [t[rows] for t in target]))
+
+
+def _fit_ranges(unit: Unit, store: dict[int, Tensor], rows: Tensor, factors: tuple[float, ...]) -> int:
+    """Shrink each calibrated activation range of the unit to the factor with the least quantization error.
+
+    The error is the activation's own (``|q(x) - x|^2`` over the probe images): one forward
+    captures every quantizer's input, each factor then costs one rounding of it.
+    """
+    quantizers = [m for m in unit.compressed.modules()
+                  if isinstance(m, ActQuantizer) and m.enabled and bool(m.observed)]
+    if not quantizers:
+        return 0
+    seen: dict[ActQuantizer, Tensor] = {}
+    hooks = [q.register_forward_pre_hook(lambda mod, a: seen.__setitem__(mod, a[0].detach())) for q in quantizers]
+    try:
+        with torch.no_grad():
+            unit.compressed(_inputs(store, unit.source, unit.index, rows))
+    finally:
+        for h in hooks:
+            h.remove()
+    changed = 0
+    with torch.no_grad():
+        for q in quantizers:
+            x = seen.get(q)
+            if x is None:
+                continue
+            lo, hi = q.lo.clone(), q.hi.clone()
+            errors = []
+            for f in factors:
+                q.lo.copy_(lo * f)
+                q.hi.copy_(hi * f)
+                errors.append(float(((q(x) - x) ** 2).mean()))
+            best = factors[min(range(len(factors)), key=errors.__getitem__)]
+            q.lo.copy_(lo * best)
+            q.hi.copy_(hi * best)
+            changed += best != 1.0
+    return changed
+
+
+def _fit_weights(unit: Unit, units: list[Unit], cstore: dict[int, Tensor], fstore: dict[int, Tensor],
+                 target: list[Tensor], n: int, cfg: ReconstructConfig, gen: torch.Generator,
+                 deadline: float | None) -> int:
+    """Adam on the unit's output error; returns the steps taken (fewer when the deadline comes first)."""
+    module = unit.compressed
+    weights = [p for name, p in module.named_parameters() if name.endswith("weight") and p.dim() > 1]
+    others = [p for name, p in module.named_parameters() if not (name.endswith("weight") and p.dim() > 1)]
+    if not weights and not others:
+        return 0
+    params = weights + others
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": weights, "lr": cfg.lr}, {"params": others, "lr": cfg.bias_lr}])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1))
+    maps = _source_maps(units, unit)
+    steps = 0
+    try:
+        for _ in range(cfg.iters):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            rows = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
+            xc = _inputs(cstore, unit.source, unit.index, rows)
+            if cfg.drop > 0 and unit.index > 0:
+                xc = _mix(xc, _inputs(fstore, unit.source, unit.index, rows), maps, cfg.drop, gen)
+            loss = _error(_flat(module(xc)), [t[rows] for t in target])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+    return steps
+
+
+def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budget_seconds: float | None = None,
+                chunk: int = 16, progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Fit every unit of the compressed model (in place) on ``images`` (float, 0..1, N x 3 x H x W).
+
+    Returns one row per unit: ``layer``, ``error_before`` / ``error_after`` (relative squared
+    error of its output against the float target, on its own inputs), ``steps``,
+    ``ranges_shrunk``, ``seconds``. ``budget_seconds`` spreads a wall-clock budget evenly over
+    the units still to fit. ``progress`` is called with each row.
+    """
+    n = len(images)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    needed = _readers(units)
+    fstore, cstore = _Store(images, needed), _Store(images, needed)
+    probe = torch.arange(min(n, 64))
+    start = time.monotonic()
+    modes = {m: m.training for u in units for m in (u.float, u.compressed)}
+    rows: list[dict] = []
+    try:
+        for u in units:
+            u.float.eval()
+            u.compressed.eval()
+            t0 = time.monotonic()
+            target = _as_list(_run(u.float, fstore.data, u, n, chunk, u.out_map))
+            before = _unit_error(u, cstore.data, target, probe)
+            steps = shrunk = 0
+            fit = before > 1e-10 and any(True for _ in u.compressed.parameters())
+            if fit:
+                shrunk = _fit_ranges(u, cstore.data, probe, cfg.range_factors)
+                deadline = None
+                if budget_seconds is not None:
+                    left = len(units) - u.index
+                    deadline = t0 + max(0.0, budget_seconds - (t0 - start)) / max(left, 1)
+                steps = _fit_weights(u, units, cstore.data, fstore.data, target, n, cfg, gen, deadline)
+            after = _unit_error(u, cstore.data, target, probe) if fit else before
+            if not u.head:
+                # the float output the next units read keeps every channel; the compressed one is what they get
+                fout = _run(u.float, fstore.data, u, n, chunk)
+                cout = _run(u.compressed, cstore.data, u, n, chunk)
+                fstore.put(u.index, fout if u.index in needed else None)
+                cstore.put(u.index, cout if u.index in needed else None)
+            row = {"layer": u.name, "error_before": before, "error_after": after, "steps": steps,
+                   "ranges_shrunk": shrunk, "seconds": round(time.monotonic() - t0, 2)}
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    return rows

@@ -1,0 +1,88 @@
+"""Recovery by block reconstruction: keeps structure and bits, lowers every layer's error, raises mAP; bad input.
+
+Runs on the really trained test-suite YOLOv8n and real airbus chips (conftest fixtures).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsdet_compress.cli.main import main
+from rsdet_compress.compress.compressor import Workspace, compress
+from rsdet_compress.compress.policy import Policy
+from rsdet_compress.engine.finetune import structure
+from rsdet_compress.engine.scorer import evaluate
+from rsdet_compress.runtime.checkpoint import load_detector
+from tests.clitools import run_error
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(scope="module")
+def compressed(trained_yolov8n: Path, small_airbus: Path, tmp_path_factory) -> Path:
+    """25% of every group pruned, 4-bit weights, 8-bit activations: calibrated only, most mAP lost."""
+    ws = Workspace.from_weights(trained_yolov8n)
+    v = ws.view
+    policy = Policy(detector=v.detector, imgsz=v.imgsz, groups={g: {"keep": 0.75} for g in v.groups},
+                    layers={n: {"weight_bits": 4, "act_bits": 8} for n in v.quantizable})
+    out = tmp_path_factory.mktemp("recover") / "w4a8p25.pt"
+    compress(trained_yolov8n, policy, out, data=small_airbus, calib_images=32)
+    return out
+
+
+def test_recover_lowers_every_layer_error_and_raises_map(trained_yolov8n, small_airbus, compressed, tmp_path,
+                                                         capsys):
+    from mlflow import MlflowClient
+    float_map = evaluate(trained_yolov8n, small_airbus)["map50"]
+    assert float_map > 0.2  # a real detector: the mAP checks below cannot pass on noise
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("rsdet-compress") or client.get_experiment(
+        client.create_experiment("rsdet-compress"))
+    search_run = client.create_run(exp.experiment_id, run_name="search-ajpq-yolov8n").info.run_id
+    out = tmp_path / "recovered.pt"
+    capsys.readouterr()
+    rc = main([str(a) for a in ["recover", "--weights", compressed, "--data", small_airbus, "--images", "32",
+                                "--iters", "40", "--out", out, "--parent-run", search_run, "--json"]])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    before, after = r["before"]["map50"], r["after"]["map50"]
+    print(f"val mAP50 float {float_map:.4f}, calibrated {before:.4f}, recovered {after:.4f}")
+    assert before < float_map - 0.05  # calibration alone lost mAP: there is something to recover
+    assert after > before + 0.05
+    fitted = [row for row in r["layers"] if row["steps"] > 0]
+    assert len(fitted) >= 15
+    for row in fitted:  # on the same chips, each layer's output is closer to the float model's than before
+        assert row["error_after"] < row["error_before"], row
+    # structure and bit-widths are the input checkpoint's, after reload; values moved
+    src, _ = load_detector(compressed)
+    got, meta = load_detector(out)
+    assert r["structure_kept"] and structure(got) == structure(src)
+    assert meta["recovered"]["images"] == 32 and meta["float_weights"] == str(trained_yolov8n)
+    moved = [n for n, p in got.named_parameters() if p.ndim == 4 and not torch.equal(p, src.get_parameter(n))]
+    assert len(moved) > 50
+    run = client.get_run(r["mlflow_run_id"])
+    assert run.data.tags.get("mlflow.parentRunId") == search_run and run.data.tags["stage"] == "recover"
+    assert {"before.map50", "after.map50", "error_before", "error_after"} <= set(run.data.metrics)
+    steps = client.get_metric_history(run.info.run_id, "error_after")
+    assert len(steps) == len(r["layers"])  # one point per layer
+
+
+def test_recover_refuses_bad_input_before_any_work(trained_yolov8n, small_airbus, compressed, tmp_path, capsys):
+    out = tmp_path / "r.pt"
+    base = ["recover", "--data", small_airbus, "--out", out, "--no-track"]
+    run_error(capsys, base + ["--weights", trained_yolov8n], str(trained_yolov8n), "not a compressed checkpoint")
+    # the float weights the checkpoint records are gone
+    ckpt = torch.load(compressed, weights_only=True)
+    ckpt["meta"]["float_weights"] = str(tmp_path / "moved-away.pt")
+    orphan = tmp_path / "orphan.pt"
+    torch.save(ckpt, orphan)
+    run_error(capsys, base + ["--weights", orphan], str(orphan), "moved-away.pt", "are not there")
+    run_error(capsys, base + ["--weights", compressed, "--images", "100000"], "fewer than --images 100000")
+    run_error(capsys, base + ["--weights", compressed, "--images", "4"], "--images must be >= 16")
+    run_error(capsys, base + ["--weights", compressed, "--drop", "1.5"], "--drop")
+    run_error(capsys, base + ["--weights", compressed, "--out", compressed], "would overwrite the input")
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
