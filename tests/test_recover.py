@@ -13,24 +13,28 @@ import torch
 
 from rsdet_compress.cli.main import main
 from rsdet_compress.compress.compressor import Workspace, compress
-from rsdet_compress.compress.policy import Policy
+from rsdet_compress.compress.policy import Policy, fingerprint
 from rsdet_compress.engine.finetune import structure
 from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.search.evaluation import CandidateEvaluator, fast_recovery, train_subsets
 from tests.clitools import run_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
+def _w4a8p25(ws: Workspace) -> Policy:
+    v = ws.view
+    return Policy(detector=v.detector, imgsz=v.imgsz, groups={g: {"keep": 0.75} for g in v.groups},
+                  layers={n: {"weight_bits": 4, "act_bits": 8} for n in v.quantizable})
+
+
 @pytest.fixture(scope="module")
 def compressed(trained_yolov8n: Path, small_airbus: Path, tmp_path_factory) -> Path:
     """25% of every group pruned, 4-bit weights, 8-bit activations: calibrated only, most mAP lost."""
-    ws = Workspace.from_weights(trained_yolov8n)
-    v = ws.view
-    policy = Policy(detector=v.detector, imgsz=v.imgsz, groups={g: {"keep": 0.75} for g in v.groups},
-                    layers={n: {"weight_bits": 4, "act_bits": 8} for n in v.quantizable})
     out = tmp_path_factory.mktemp("recover") / "w4a8p25.pt"
-    compress(trained_yolov8n, policy, out, data=small_airbus, calib_images=32)
+    compress(trained_yolov8n, _w4a8p25(Workspace.from_weights(trained_yolov8n)), out, data=small_airbus,
+             calib_images=32)
     return out
 
 
@@ -86,3 +90,17 @@ def test_recover_refuses_bad_input_before_any_work(trained_yolov8n, small_airbus
     run_error(capsys, base + ["--weights", compressed, "--drop", "1.5"], "--drop")
     run_error(capsys, base + ["--weights", compressed, "--out", compressed], "would overwrite the input")
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_fast_recovery_raises_the_search_reward_and_leaves_the_float_model_alone(trained_yolov8n, small_airbus):
+    ws = Workspace.from_weights(trained_yolov8n)
+    float_fp = fingerprint(ws.view.model)
+    calib, reward = train_subsets(str(small_airbus), ws.view.imgsz, 16, 48, seed=0)
+    policy = _w4a8p25(ws)
+    plain = CandidateEvaluator(ws, calib, reward)(policy)
+    fast = CandidateEvaluator(ws, calib, reward, recovery=fast_recovery(10))(policy)
+    print(f"reward mAP50 calibrated {plain['map50']:.4f}, fast-recovered {fast['map50']:.4f}, "
+          f"{fast['eval_seconds']:.1f} s vs {plain['eval_seconds']:.1f} s")
+    assert fast["map50"] > plain["map50"] + 0.03 and fast["recover_seconds"] > 0
+    assert fingerprint(ws.view.model) == float_fp  # candidates train their own copies, never the float model
+    assert CandidateEvaluator(ws, calib, reward)(policy)["map50"] == plain["map50"]

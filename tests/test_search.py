@@ -49,6 +49,17 @@ def test_n_episodes_give_n_nested_runs(agent, trained_yolov8n: Path, small_airbu
         assert all(k.data.metrics["compression_ratio"] >= 8 for k in kids)
 
 
+def test_fast_recovery_search_logs_recovered_candidates(trained_yolov8n: Path, small_airbus: Path):
+    cfg = SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="random", episodes=2, seed=0,
+                       recover="fast", recover_iters=2, **SMALL)
+    r = search(cfg, progress=False)
+    kids = _children(os.environ["MLFLOW_TRACKING_URI"], r.run_id)
+    assert len(kids) == 2
+    for k in kids:  # the reward was read after a reconstruction, and its cost is on record
+        assert k.data.metrics["recover_seconds"] > 0 and 0 <= k.data.metrics["output_error"] < 10
+        assert k.data.metrics["eval_seconds"] >= k.data.metrics["recover_seconds"]
+
+
 def test_resume_after_kill_loses_and_duplicates_nothing(trained_yolov8n: Path, small_airbus: Path, tmp_path: Path):
     uri = os.environ["MLFLOW_TRACKING_URI"]
     args = ["search", "--weights", str(trained_yolov8n), "--data", str(small_airbus), "--agent", "ajpq",
@@ -88,6 +99,8 @@ def test_bad_input_fails_fast(trained_yolov8n: Path, small_airbus: Path, tmp_pat
         (["--reward", "eval"], "unknown reward"),
         (["--budget", "size=0.0005"], "impossible"),
         (["--budget", "speed=2"], "budget"),
+        (["--recover", "slow"], "unknown --recover"),
+        (["--recover", "fast", "--recover-iters", "0"], "--recover-iters"),
     ]
     for extra, message in cases:
         capsys.readouterr()

@@ -35,6 +35,11 @@ def _budget_metrics() -> list[str]:
     return list(METRICS)
 
 
+def _recovery() -> tuple[str, ...]:
+    from rsdet_compress.search.evaluation import RECOVERY
+    return RECOVERY
+
+
 def _criteria() -> list[str]:
     from rsdet_compress.compress.importance import CRITERIA
     return list(CRITERIA)
@@ -43,7 +48,8 @@ def _criteria() -> list[str]:
 def add_search(p: argparse.ArgumentParser) -> None:
     from rsdet_compress.search.runner import SearchConfig
     add_config_args(p, SearchConfig,
-                    choices={"agent": _agents, "reward": _rewards, "metric": _metrics, "criterion": _criteria},
+                    choices={"agent": _agents, "reward": _rewards, "metric": _metrics, "criterion": _criteria,
+                             "recover": _recovery},
                     extra={"budget": {"action": "append", "type": None, "metavar": "NAME=FRACTION", "help": ChoicesHelp(
                         "NAME=FRACTION of the float model, NAME one of %(choices)s (repeatable), e.g. "
                         "--budget size=0.125 --budget bops=0.02", _budget_metrics)}})

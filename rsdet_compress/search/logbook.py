@@ -45,6 +45,7 @@ def candidate_record(cand, group_sizes: dict[str, int], stage: str = "") -> dict
                "flops": cand.cost.flops, "bops": cand.cost.bops, "compression_ratio": cand.ratios["size"],
                "bops_ratio": cand.ratios["bops"], "flops_ratio": cand.ratios["flops"],
                "eval_seconds": cand.metrics.get("eval_seconds", cand.seconds),
+               **{k: cand.metrics[k] for k in ("recover_seconds", "output_error") if k in cand.metrics},
                **{f"usage.{k}": v for k, v in cand.usage.items()}}
     params = {"episode": cand.episode, "stage": stage or "search",
               "mean_weight_bits": round(sum(bits) / len(bits), 3) if bits else FLOAT_BITS,

@@ -27,7 +27,7 @@ from rsdet_compress.detectors.checkpoint import check_classes
 from rsdet_compress.errors import UserError
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import CompressEnv, EnvConfig
-from rsdet_compress.search.evaluation import CandidateEvaluator, train_subsets
+from rsdet_compress.search.evaluation import RECOVERY, CandidateEvaluator, fast_recovery, train_subsets
 from rsdet_compress.search.logbook import Logbook, candidate_record
 from rsdet_compress.search.report import plot_searches, summary_row
 from rsdet_compress.search.rewards import get_reward
@@ -69,6 +69,11 @@ class SearchConfig:
     calib_images: int = 32
     #: other training chips the reward mAP is measured on (never the reporting split)
     reward_images: int = 64
+    #: candidate evaluation: "none" scores it after calibration; "fast" after a short block reconstruction on the
+    #: calibration chips (the mAP it will have after recover; costs recover_iters steps per layer)
+    recover: str = "none"
+    #: reconstruction steps per layer of a "fast" candidate evaluation
+    recover_iters: int = 20
     #: activation bits of quantized layers
     act_bits: int = 8
     #: largest fraction of a group the agent may prune
@@ -103,6 +108,10 @@ def _check(cfg: SearchConfig) -> Budget:
     get_reward(cfg.reward)
     if cfg.metric not in METRICS:
         raise UserError(f"unknown reward metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
+    if cfg.recover not in RECOVERY:
+        raise UserError(f"unknown --recover {cfg.recover!r}; choose one of {', '.join(RECOVERY)}")
+    if cfg.recover_iters < 1:
+        raise UserError(f"--recover-iters must be >= 1, got {cfg.recover_iters}")
     if cfg.episodes < 1:
         raise UserError(f"--episodes must be >= 1, got {cfg.episodes}")
     for flag, n in (("--calib-images", cfg.calib_images), ("--reward-images", cfg.reward_images)):
@@ -146,7 +155,8 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     calib, reward_set = train_subsets(cfg.data, ws.view.imgsz, cfg.calib_images, cfg.reward_images, cfg.seed)
     ws.grad_set = calib
     scores = ws.scores(cfg.criterion)
-    evaluator = CandidateEvaluator(ws, calib, reward_set, device=cfg.device)
+    recovery = fast_recovery(cfg.recover_iters) if cfg.recover == "fast" else None
+    evaluator = CandidateEvaluator(ws, calib, reward_set, device=cfg.device, recovery=recovery)
     reward_fn = get_reward(cfg.reward)
 
     def make_env(env_cfg: EnvConfig, which) -> CompressEnv:
