@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rsdet_compress.cli.main import main
+from rsdet_compress.compress.compensate import refit
 from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.policy import Policy, fingerprint
 from rsdet_compress.engine.finetune import structure
@@ -104,3 +105,22 @@ def test_fast_recovery_raises_the_search_reward_and_leaves_the_float_model_alone
     assert fast["map50"] > plain["map50"] + 0.03 and fast["recover_seconds"] > 0
     assert fingerprint(ws.view.model) == float_fp  # candidates train their own copies, never the float model
     assert CandidateEvaluator(ws, calib, reward)(policy)["map50"] == plain["map50"]
+
+
+def test_least_squares_refit_absorbs_a_pruned_redundant_channel():
+    """A pruned input channel that was a linear mix of kept ones: the closed-form re-fit restores the output."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(8, 3, 16, 16, generator=gen)
+    full = torch.cat([x, 0.5 * x[:, :1] - x[:, 1:2]], 1)  # channel 3 carries nothing new
+    with torch.no_grad():
+        y = conv(full)
+        pruned = torch.nn.Conv2d(3, 6, 3, padding=1)
+        pruned.weight.copy_(conv.weight[:, :3])
+        pruned.bias.copy_(conv.bias)
+        before = float(((pruned(x) - y) ** 2).mean())
+        w, b = refit(pruned, x, y, gen)
+        pruned.weight.copy_(w)
+        pruned.bias.copy_(b)
+        after = float(((pruned(x) - y) ** 2).mean())
+    assert before > 0.01 and after < 1e-3 * before

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from rsdet_compress.compress.compensate import compensate
 from rsdet_compress.compress.quant import ActQuantizer
 from rsdet_compress.compress.units import Unit, select
 
@@ -53,6 +54,8 @@ class ReconstructConfig:
     drop: float = 0.5
     #: shrink factors tried for each activation range (1.0 = the calibrated min/max); each costs one rounding.
     range_factors: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4)
+    #: closed-form least-squares re-fit of each conv (and its BN reset to the float one's) before the Adam steps.
+    least_squares: bool = True
     #: seeds the batch sampling and the QDrop masks.
     seed: int = 0
 
@@ -249,6 +252,9 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
             before = _unit_error(u, cstore.data, target, probe)
             steps = shrunk = 0
             fit = before > 1e-10 and any(True for _ in u.compressed.parameters())
+            if fit and cfg.least_squares:
+                compensate(u.float, u.compressed, _inputs(fstore.data, u.source, u.index, probe),
+                           _inputs(cstore.data, u.source, u.index, probe), u.name, u.module_maps, u.bn_of, gen)
             if fit:
                 shrunk = _fit_ranges(u, cstore.data, probe, cfg.range_factors)
                 deadline = None

@@ -18,14 +18,14 @@ pruned): no map.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from ultralytics.nn.modules import Detect
 
 from rsdet_compress.compress.policy import Policy
-from rsdet_compress.compress.view import CompressibleView
+from rsdet_compress.compress.view import CompressibleView, probe
 
 
 @dataclass
@@ -42,6 +42,10 @@ class Unit:
     out_map: torch.Tensor | None
     #: a Detect head: its output is the raw prediction dict.
     head: bool
+    #: kept output channels of the pruned modules inside the unit (float numbering), by module path.
+    module_maps: dict[str, list[int]] = field(default_factory=dict)
+    #: conv path -> the BatchNorm path that follows it, inside the unit.
+    bn_of: dict[str, str] = field(default_factory=dict)
 
 
 def out_channel_maps(view: CompressibleView, policy: Policy) -> dict[str, list[int]]:
@@ -70,27 +74,16 @@ def _last_producers(model: nn.Module, producers: set[str], imgsz: int) -> dict[i
         for name, m in unit.named_modules(prefix=f"model.{i}"):
             if name in producers or isinstance(m, nn.Conv2d):
                 hooks.append(m.register_forward_hook(lambda mod, a, o, i=i, name=name: last.__setitem__(i, name)))
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, imgsz, imgsz, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
+    probe(model, hooks, imgsz)
     return last
 
 
 def _out_channels(model: nn.Module, imgsz: int) -> dict[int, int]:
     """Channels of each top-level layer's tensor output (heads excluded) for one probe forward."""
     sizes: dict[int, int] = {}
-    hooks = [unit.register_forward_hook(
+    probe(model, [unit.register_forward_hook(
         lambda mod, a, o, i=i: sizes.__setitem__(i, o.shape[1]) if isinstance(o, torch.Tensor) else None)
-        for i, unit in enumerate(model.model)]
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, imgsz, imgsz, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
+        for i, unit in enumerate(model.model)], imgsz)
     return sizes
 
 
@@ -134,7 +127,10 @@ def build_units(float_model: nn.Module, compressed: nn.Module, view: Compressibl
                 raise ValueError(f"layer model.{i}: compressed output has {comp_ch[i]} channels, the policy "
                                  f"keeps {expect} of {float_ch[i]}")
         out_maps[i] = omap
-        units.append(Unit(i, f"model.{i}", source, fm, cm, omap, head))
+        name = f"model.{i}"
+        inside = {k: v for k, v in maps.items() if k.startswith(name + ".")}
+        bns = {k: layer.bn for k, layer in view.layers.items() if layer.bn and k.startswith(name + ".")}
+        units.append(Unit(i, name, source, fm, cm, omap, head, inside, bns))
     return units
 
 

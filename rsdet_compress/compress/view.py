@@ -118,18 +118,22 @@ def _conv_kind(conv: nn.Conv2d) -> str:
     return "conv"
 
 
-def _shapes(model: nn.Module, imgsz: int) -> dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]]:
-    """(input hw, output hw) of every conv for one forward at imgsz x imgsz."""
-    shapes = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(mod, (tuple(i[0].shape[-2:]),
-                                                                                tuple(o.shape[-2:]))))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
+def probe(model: nn.Module, hooks: list, imgsz: int = 64) -> None:
+    """One no-grad forward of a blank ``imgsz`` image through ``model``; ``hooks`` (handles) removed after."""
     try:
         with torch.inference_mode():
             model(torch.zeros(1, 3, imgsz, imgsz, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
+
+
+def _shapes(model: nn.Module, imgsz: int) -> dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]]:
+    """(input hw, output hw) of every conv for one forward at imgsz x imgsz."""
+    shapes = {}
+    probe(model, [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(mod, (tuple(i[0].shape[-2:]),
+                                                                                     tuple(o.shape[-2:]))))
+                  for m in model.modules() if isinstance(m, nn.Conv2d)], imgsz)
     return shapes
 
 

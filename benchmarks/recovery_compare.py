@@ -1,0 +1,195 @@
+"""Recovery benchmark: what calibration, block reconstruction (``recover``) and QAT each give back, per policy.
+
+    python benchmarks/recovery_compare.py --weights runs/baselines/yolov8n/weights/best.pt \
+        --data runs/data/airbus/data.yaml --split test --policy ajpq=runs/search/<id>/best_policy.json \
+        --uniform w4a8p25 --images 256 --iters 300 --qat-epochs 3
+
+For each policy (a searched policy JSON given as NAME=PATH, and/or built-in uniform ones
+``w<bits>a<bits>p<percent pruned>``): compress (64 calibration chips) -> test mAP;
+recover -> test mAP; optionally QAT from the recovered weights (distilled from fp32) -> test
+mAP. Columns: mAP50, mAP50-95, AP50 of each class, the mAP50 difference against fp32 with a
+95% paired bootstrap interval over test images, size / FLOPs / BOPs ratios, and each stage's
+wall minutes on this machine. Stage outputs are kept under runs/bench/recovery/<name>/ and
+reused on a rerun with the same settings. Writes benchmarks/results/<--out>.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from rsdet_compress.compress.compressor import Workspace, compress
+from rsdet_compress.compress.cost import estimate
+from rsdet_compress.compress.policy import Policy
+from rsdet_compress.data.config import load_data_config
+from rsdet_compress.data.evalset import EvalSet
+from rsdet_compress.engine.evaluator import Evaluator, coco_metrics
+from rsdet_compress.engine.finetune import FinetuneConfig, finetune
+from rsdet_compress.engine.recovery import RecoverConfig, recover
+from rsdet_compress.runtime.loader import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+WORK = REPO / "runs" / "bench" / "recovery"
+MAX_DET = 300
+
+
+def uniform_policy(ws: Workspace, spec: str) -> Policy:
+    """``w4a8p25``: every quantizable layer at 4-bit weights / 8-bit activations, every group 25% pruned."""
+    m = re.fullmatch(r"w(\d+)a(\d+)p(\d+)", spec)
+    if not m:
+        raise SystemExit(f"error: --uniform {spec!r}: expected w<bits>a<bits>p<percent>, e.g. w4a8p25")
+    wb, ab, pruned = (int(g) for g in m.groups())
+    v = ws.view
+    groups = {g: {"keep": 1 - pruned / 100} for g in v.groups} if pruned else {}
+    return Policy(detector=v.detector, imgsz=v.imgsz, groups=groups,
+                  layers={n: {"weight_bits": wb, "act_bits": ab} for n in v.quantizable})
+
+
+def _coco(dataset: dict) -> COCO:
+    gt = COCO()
+    gt.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def paired_bootstrap(gt: COCO, image_ids: list[int], dets_ref: np.ndarray, dets: np.ndarray, n: int = 200,
+                     seed: int = 0) -> tuple[float, float]:
+    """95% interval of mAP50(dets) - mAP50(dets_ref), resampling test images with replacement (paired)."""
+    rng = np.random.default_rng(seed)
+    anns = {i: gt.imgToAnns.get(i, []) for i in image_ids}
+    by_img = [{i: d[d[:, 0] == i] for i in image_ids} for d in (dets_ref, dets)]
+    diffs = []
+    for _ in range(n):
+        sample = rng.choice(image_ids, size=len(image_ids), replace=True)
+        images, annotations, out = [], [], ([], [])
+        for new_id, old in enumerate(sample, start=1):
+            images.append({**gt.imgs[old], "id": new_id})
+            annotations += [{**a, "id": len(annotations) + k + 1, "image_id": new_id} for k, a in enumerate(anns[old])]
+            for side in (0, 1):
+                rows = by_img[side][old].copy()
+                rows[:, 0] = new_id
+                out[side].append(rows)
+        boot = _coco({"images": images, "annotations": annotations, "categories": gt.dataset["categories"]})
+        ids = list(range(1, len(sample) + 1))
+        ref, got = (coco_metrics(boot, np.concatenate(o) if o else np.zeros((0, 7)), MAX_DET, ids)["map50"]
+                    for o in out)
+        diffs.append(got - ref)
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def timed(path: Path, make) -> float:
+    """Run ``make()`` unless ``path`` exists; the wall minutes it took (kept beside it, so reruns report them)."""
+    record = path.with_name(path.name + ".minutes")
+    if not path.exists() or not record.is_file():
+        t0 = time.time()
+        make()
+        record.write_text(f"{(time.time() - t0) / 60:.3f}\n")
+    return float(record.read_text())
+
+
+def score(path: Path, evaluator: Evaluator) -> tuple[dict, np.ndarray]:
+    model, _ = load_model(path)
+    dets, _ = evaluator.predict(model)
+    m = coco_metrics(evaluator.evalset.coco, dets, MAX_DET, evaluator.evalset.image_ids)
+    return m, dets
+
+
+def row(name: str, stage: str, m: dict, minutes: float | None, ratios: dict, ci: tuple | None, ref: dict) -> dict:
+    return {"policy": name, "stage": stage, "map50": m["map50"], "map50_95": m["map50_95"],
+            "ap50": {c: (v or {}).get("ap50") for c, v in m["per_class"].items()},
+            "dmap50": m["map50"] - ref["map50"], "ci95": ci, "minutes": minutes, **ratios}
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    classes = list(rows[0]["ap50"])
+    cols = ["policy", "stage", "mAP50", "mAP50-95", *[f"AP50 {c}" for c in classes], "ΔmAP50 vs fp32 [95% CI]",
+            "size x", "FLOPs x", "BOPs x", "stage min"]
+    out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def f(v, p=4):
+        return "-" if v is None else f"{v:.{p}f}"
+    for r in rows:
+        ci = f"{r['dmap50']:+.4f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else f"{r['dmap50']:+.4f}"
+        out.append("| " + " | ".join([r["policy"], r["stage"], f(r["map50"]), f(r["map50_95"]),
+                                      *[f(r["ap50"][c]) for c in classes], ci, f(r["size"], 2), f(r["flops"], 2),
+                                      f(r["bops"], 2), f(r["minutes"], 1)]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args) -> list[tuple[str, Path, float]]:
+    """Compress -> recover (-> QAT) for one policy: (stage, checkpoint, wall minutes) each."""
+    comp = work / "compressed.pt"
+    stages = [("calibrated", comp, timed(comp, lambda: compress(weights, policy, comp, data=data, calib_images=64)))]
+    for ls in sorted({True, not args.ablate_least_squares}):  # with --ablate-least-squares: Adam alone too
+        rec = work / f"recovered-i{args.images}-s{args.iters}{'-ls' if ls else ''}.pt"
+        cfg = RecoverConfig(weights=str(comp), data=str(data), images=args.images, iters=args.iters, out=str(rec),
+                            least_squares=ls, val=False, experiment="rsdet-compress-bench")
+        stages.append((f"+ recover ({'LS + ' if ls else ''}{args.iters} steps)", rec,
+                       timed(rec, lambda cfg=cfg: recover(cfg))))
+    if args.qat_epochs:
+        ft_dir = work / f"{rec.stem}-qat{args.qat_epochs}"
+        minutes = timed(ft_dir, lambda: finetune(FinetuneConfig(
+            weights=str(rec), data=str(data), epochs=args.qat_epochs, teacher="auto", val=False, out=str(ft_dir),
+            experiment="rsdet-compress-bench")))
+        stages.append((f"+ recover + QAT {args.qat_epochs} ep", ft_dir / "weights" / "last.pt", minutes))
+    return stages
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", required=True, help="float checkpoint")
+    ap.add_argument("--data", required=True, help="dataset YAML")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--policy", action="append", default=[], metavar="NAME=PATH", help="searched policy JSON")
+    ap.add_argument("--uniform", action="append", default=[], metavar="w4a8p25", help="uniform policy")
+    ap.add_argument("--images", type=int, default=256, help="recover: training chips")
+    ap.add_argument("--iters", type=int, default=300, help="recover: steps per layer")
+    ap.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after recovery (0: none)")
+    ap.add_argument("--ablate-least-squares", action="store_true", help="also recover without the LS re-fit")
+    ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: no intervals)")
+    ap.add_argument("--out", default="recovery_compare", help="results file stem in benchmarks/results/")
+    args = ap.parse_args()
+    weights, data = Path(args.weights), Path(args.data)
+    cfg = load_data_config(data)
+    ws = Workspace.from_weights(weights)
+    evalset = EvalSet.from_coco(cfg.split_coco(args.split), cfg.split_images(args.split), int(ws.view.imgsz))
+    evaluator = Evaluator(evalset, max_det=MAX_DET)
+    float_cost = estimate(ws.view)
+    ref, ref_dets = score(weights, evaluator)
+    ones = {"size": 1.0, "flops": 1.0, "bops": 1.0}
+    rows = [row("fp32", "-", ref, None, ones, None, ref)]
+    policies = [(n, Policy.load(p)) for n, p in (s.split("=", 1) for s in args.policy)]
+    policies += [(f"uniform {u}", uniform_policy(ws, u)) for u in args.uniform]
+    for name, policy in policies:
+        work = WORK / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{weights.parent.parent.name}-{name}")
+        work.mkdir(parents=True, exist_ok=True)
+        ratios = {k: v for k, v in estimate(ws.view, ws.resolve(policy)).ratios(float_cost).items()
+                  if k in ("size", "flops", "bops")}
+        stages = make_stages(policy, weights, data, work, args)
+        for stage, path, minutes in stages:
+            m, dets = score(path, evaluator)
+            ci = paired_bootstrap(evalset.coco, evalset.image_ids, ref_dets, dets, args.bootstrap) \
+                if args.bootstrap else None
+            rows.append(row(name, stage, m, minutes, ratios, ci, ref))
+            print(f"{name:24} {stage:28} mAP50 {m['map50']:.4f}  ({m['map50'] - ref['map50']:+.4f})", flush=True)
+    header = (f"# Recovery: {weights} on the {args.split} split of {data} ({len(evalset)} images)\n\n"
+              f"`python benchmarks/recovery_compare.py {' '.join(sys.argv[1:])}`  \n"
+              f"Stage minutes: wall time of the run that made the stage, on this machine.")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.md").write_text(markdown(rows, header))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=2))
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
