@@ -73,7 +73,7 @@ class SearchConfig:
     #: calibration chips (the mAP it will have after recover; costs recover_iters steps per layer)
     recover: str = "none"
     #: reconstruction steps per layer of a "fast" candidate evaluation
-    recover_iters: int = 20
+    recover_iters: int = 5
     #: activation bits of quantized layers
     act_bits: int = 8
     #: largest fraction of a group the agent may prune
