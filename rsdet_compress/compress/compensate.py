@@ -94,7 +94,7 @@ def compensate(float_unit: nn.Module, comp_unit: nn.Module, float_in, comp_in, p
     fitted = 0
     for name in dict.fromkeys(order):
         conv = cmods[name]
-        if conv.groups != 1:
+        if conv.groups != 1 or not conv.weight.requires_grad:  # depthwise; fixed (DFL's expectation conv)
             continue
         x = _capture(comp_unit, [conv], lambda: comp_unit(comp_in), "in")[conv]
         if isinstance(conv, QConv2d):

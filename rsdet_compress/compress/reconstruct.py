@@ -194,14 +194,12 @@ def _fit_weights(unit: Unit, units: list[Unit], cstore: dict[int, Tensor], fstor
                  deadline: float | None) -> int:
     """Adam on the unit's output error; returns the steps taken (fewer when the deadline comes first)."""
     module = unit.compressed
-    weights = [p for name, p in module.named_parameters() if name.endswith("weight") and p.dim() > 1]
-    others = [p for name, p in module.named_parameters() if not (name.endswith("weight") and p.dim() > 1)]
-    if not weights and not others:
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]  # not DFL's fixed conv
+    weights = [p for name, p in trainable if name.endswith("weight") and p.dim() > 1]
+    others = [p for name, p in trainable if not (name.endswith("weight") and p.dim() > 1)]
+    if not trainable:
         return 0
     params = weights + others
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": weights, "lr": cfg.lr}, {"params": others, "lr": cfg.bias_lr}])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1))
     maps = _source_maps(units, unit)
@@ -221,8 +219,7 @@ def _fit_weights(unit: Unit, units: list[Unit], cstore: dict[int, Tensor], fstor
             sched.step()
             steps += 1
     finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
+        for p in params:
             p.grad = None
     return steps
 
