@@ -76,7 +76,8 @@ def test_recover_lowers_every_layer_error_and_raises_map(trained_yolov8n, small_
     assert len(steps) == len(r["layers"])  # one point per layer
 
 
-def test_recover_refuses_bad_input_before_any_work(trained_yolov8n, small_airbus, compressed, tmp_path, capsys):
+def test_recover_refuses_bad_input_before_any_work(trained_yolov8n, small_airbus, compressed, tmp_path, capsys,
+                                                    monkeypatch):
     out = tmp_path / "r.pt"
     base = ["recover", "--data", small_airbus, "--out", out, "--no-track"]
     run_error(capsys, base + ["--weights", trained_yolov8n], str(trained_yolov8n), "not a compressed checkpoint")
@@ -90,6 +91,11 @@ def test_recover_refuses_bad_input_before_any_work(trained_yolov8n, small_airbus
     run_error(capsys, base + ["--weights", compressed, "--images", "4"], "--images must be >= 16")
     run_error(capsys, base + ["--weights", compressed, "--drop", "1.5"], "--drop")
     run_error(capsys, base + ["--weights", compressed, "--out", compressed], "would overwrite the input")
+    from types import SimpleNamespace
+
+    from rsdet_compress.engine import recovery
+    monkeypatch.setattr(recovery.psutil, "virtual_memory", lambda: SimpleNamespace(available=50 * 2**20))
+    run_error(capsys, base + ["--weights", compressed, "--images", "32"], "--images 32 at 320 px", "GiB free")
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 

@@ -224,6 +224,31 @@ def _fit_weights(unit: Unit, units: list[Unit], cstore: dict[int, Tensor], fstor
     return steps
 
 
+def activation_bytes(units: list[Unit], imgsz: int, n: int) -> int:
+    """Peak bytes of the activations :func:`reconstruct` keeps for ``n`` images (both models, fp32).
+
+    One probe image through the float layers gives each output's size; a layer's output lives
+    until the last layer that reads it, as in :class:`_Store` (plus the image batch itself).
+    """
+    device = next(units[0].float.parameters()).device
+    readers = _readers(units)
+    sizes: dict[int, int] = {-1: 3 * imgsz * imgsz}
+    outs: dict[int, Tensor] = {-1: torch.zeros(1, 3, imgsz, imgsz, device=device)}
+    peak = live = sizes[-1]
+    with torch.inference_mode():
+        for u in units:
+            out = u.float(_inputs(outs, u.source, u.index, slice(None)))
+            if isinstance(out, Tensor):
+                outs[u.index] = out
+                sizes[u.index] = out[0].numel()
+                live += sizes[u.index]
+            peak = max(peak, live)
+            for k in [k for k in sizes if readers.get(k, -1) <= u.index and k in outs]:
+                live -= sizes[k]
+                del outs[k]
+    return 2 * 4 * n * peak
+
+
 def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budget_seconds: float | None = None,
                 chunk: int = 16, progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Fit every unit of the compressed model (in place) on ``images`` (float, 0..1, N x 3 x H x W).

@@ -16,11 +16,12 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm import tqdm
 
 from rsdet_compress.compress.policy import fingerprint
-from rsdet_compress.compress.reconstruct import ReconstructConfig, reconstruct
+from rsdet_compress.compress.reconstruct import ReconstructConfig, activation_bytes, reconstruct
 from rsdet_compress.compress.units import build_units
 from rsdet_compress.compress.view import CompressibleView
 from rsdet_compress.data.config import load_data_config
@@ -32,6 +33,8 @@ from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, PARENT_TAG, Tracker
 
+#: share of the free memory the cached activations may take (the models, batches and gradients need the rest)
+MEMORY_SHARE = 0.6
 #: fewer chips than this cannot pin down a layer's output (BRECQ/QDrop use 1024; AdaRound shows 256 suffice).
 MIN_IMAGES = 16
 
@@ -143,6 +146,13 @@ def recover(cfg: RecoverConfig | None = None, **kwargs) -> dict:
     model.to(device)
     float_model.to(device)
     units = build_units(view.model, model, view, policy)
+    need = activation_bytes(units, imgsz, cfg.images) + chips.images.numel() * 4
+    free = psutil.virtual_memory().available
+    if need > MEMORY_SHARE * free:
+        fit = max(1, int(cfg.images * MEMORY_SHARE * free / need))
+        raise UserError(f"--images {cfg.images} at {imgsz} px would hold ~{need / 2**30:.1f} GiB of activations, "
+                        f"more than {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free; give --images {fit} "
+                        "or fewer")
     before_structure = structure(model)
     evaluator = None
     if cfg.val:
