@@ -123,13 +123,12 @@ def _readers(units: list[Unit]) -> dict[int, int]:
 
 
 @torch.no_grad()
-def _run(module: nn.Module, store: dict[int, Tensor], unit: Unit, n: int, chunk: int,
-         index: Tensor | None = None) -> Tensor | list[Tensor]:
-    """``module`` over all ``n`` stored inputs in chunks; a tensor output is sliced to ``index`` channels."""
+def _run(module: nn.Module, store: dict[int, Tensor], unit: Unit, n: int, chunk: int) -> Tensor | list[Tensor]:
+    """``module`` over all ``n`` stored inputs in chunks: a tensor, or a head's flattened outputs."""
     outs = []
     for s in range(0, n, chunk):
         out = module(_inputs(store, unit.source, unit.index, slice(s, s + chunk)))
-        outs.append(select(out, index) if isinstance(out, Tensor) else _flat(out))
+        outs.append(out if isinstance(out, Tensor) else _flat(out))
     if isinstance(outs[0], Tensor):
         return torch.cat(outs)
     return [torch.cat(parts) for parts in zip(*outs, strict=True)]
@@ -271,7 +270,8 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
             u.float.eval()
             u.compressed.eval()
             t0 = time.monotonic()
-            target = _as_list(_run(u.float, fstore.data, u, n, chunk, u.out_map))
+            fout = _run(u.float, fstore.data, u, n, chunk)  # what the next float layers read: every channel
+            target = _as_list(fout if u.head else select(fout, u.out_map))
             before = _unit_error(u, cstore.data, target, probe)
             steps = shrunk = 0
             fit = before > 1e-10 and any(True for _ in u.compressed.parameters())
@@ -287,8 +287,6 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
                 steps = _fit_weights(u, units, cstore.data, fstore.data, target, n, cfg, gen, deadline)
             after = _unit_error(u, cstore.data, target, probe) if fit else before
             if not u.head:
-                # the float output the next units read keeps every channel; the compressed one is what they get
-                fout = _run(u.float, fstore.data, u, n, chunk)
                 cout = _run(u.compressed, cstore.data, u, n, chunk)
                 fstore.put(u.index, fout if u.index in needed else None)
                 cstore.put(u.index, cout if u.index in needed else None)
