@@ -59,6 +59,8 @@ class CandidateEvaluator:
         self.evaluator = Evaluator(reward, batch=batch, device=device)
         self.device = device
         self.seconds: list[float] = []
+        #: the calibration chips as float 0..1 on the device, converted once for every recovered candidate
+        self._recovery_images = calib.images.to(device).float().div_(255) if recovery is not None else None
 
     def __call__(self, policy: Policy) -> dict:
         t0 = time.perf_counter()
@@ -67,8 +69,7 @@ class CandidateEvaluator:
         extra = {}
         if self.recovery is not None:
             units = build_units(self.ws.view.model, model, self.ws.view, model.policy)
-            images = self.calib.images.to(self.device).float().div_(255)
-            rows = reconstruct(units, images, self.recovery)
+            rows = reconstruct(units, self._recovery_images, self.recovery)
             extra["recover_seconds"] = round(time.perf_counter() - t0, 2)
             extra["output_error"] = rows[-1]["error_after"]
         m = self.evaluator(model)
