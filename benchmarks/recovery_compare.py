@@ -3,6 +3,13 @@
     python benchmarks/recovery_compare.py --weights runs/baselines/yolov8n/weights/best.pt \
         --data runs/data/airbus/data.yaml --split test --policy ajpq=runs/search/<id>/best_policy.json \
         --uniform w4a8p25 --images 256 --iters 300 --qat-epochs 3
+    python benchmarks/recovery_compare.py --weights ... --data ... --budget size=0.125,flops=0.5 \
+        --searches ajpq,two-stage --episodes 24 --search-recover fast --uniform-bits w4a8 --qat-epochs 3
+
+With ``--budget``, the policies are found at that budget: one search per ``--searches``
+agent (its best policy; a search that finished earlier is reused) and, per ``--uniform-bits``,
+the uniform bit-widths with the least uniform pruning (5% steps) that meets the budget; so
+the search's contribution is separated from recovery's.
 
 For each policy (a searched policy JSON given as NAME=PATH, and/or built-in uniform ones
 ``w<bits>a<bits>p<percent pruned>``): compress (64 calibration chips) -> test mAP;
@@ -29,16 +36,20 @@ from pycocotools.coco import COCO
 from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.cost import estimate
 from rsdet_compress.compress.policy import Policy
+from rsdet_compress.config import load_config
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator, coco_metrics
 from rsdet_compress.engine.finetune import FinetuneConfig, finetune
 from rsdet_compress.engine.recovery import RecoverConfig, recover
 from rsdet_compress.runtime.loader import load_model
+from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.runner import SearchConfig, search
+from rsdet_compress.settings import runs_root
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-WORK = REPO / "runs" / "bench" / "recovery"
+WORK = runs_root() / "bench" / "recovery"  # $RSDET_RUNS/bench/recovery: stage outputs, reused on reruns
 MAX_DET = 300
 
 
@@ -52,6 +63,35 @@ def uniform_policy(ws: Workspace, spec: str) -> Policy:
     groups = {g: {"keep": 1 - pruned / 100} for g in v.groups} if pruned else {}
     return Policy(detector=v.detector, imgsz=v.imgsz, groups=groups,
                   layers={n: {"weight_bits": wb, "act_bits": ab} for n in v.quantizable})
+
+
+def uniform_at_budget(ws: Workspace, bits: str, budget: Budget) -> tuple[str, Policy]:
+    """``w4a8`` with the least uniform pruning, in 5% steps, that meets ``budget``."""
+    ref = estimate(ws.view)
+    for pruned in range(0, 95, 5):
+        policy = uniform_policy(ws, f"{bits}p{pruned}")
+        if budget.met(estimate(ws.view, ws.resolve(policy)), ref):
+            return f"{bits}p{pruned}", policy
+    raise SystemExit(f"error: --uniform-bits {bits}: no uniform pruning up to 90% meets {budget}")
+
+
+def searched_policy(agent: str, weights: Path, data: Path, budget: Budget, args) -> Policy:
+    """The best policy of one search at ``budget``; kept in the work folder and reused on reruns."""
+    tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
+    path = WORK / f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}.json"
+    if not path.is_file():
+        result = search(SearchConfig(weights=str(weights), data=str(data), agent=agent,
+                                     budget=[f"{n}={v}" for n, v in budget.limits], episodes=args.episodes,
+                                     recover=args.search_recover, channel_multiple=args.channel_multiple,
+                                     experiment="rsdet-compress-bench"))
+        if result.best_policy is None:
+            raise SystemExit(f"error: the {agent} search found no policy within {budget}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.best_policy.save(path)
+        path.with_name(path.stem + ".search.json").write_text(json.dumps(
+            {"run_id": result.run_id, "wall_minutes": result.wall_seconds / 60, "eval_ratio": result.eval_ratio,
+             "best": result.best}, indent=2, default=str))
+    return Policy.load(path)
 
 
 def _coco(dataset: dict) -> COCO:
@@ -137,10 +177,11 @@ def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args) -> 
         stages.append((f"+ recover ({'LS + ' if ls else ''}{args.iters} steps)", rec,
                        timed(rec, lambda cfg=cfg: recover(cfg))))
     if args.qat_epochs:
-        ft_dir = work / f"{rec.stem}-qat{args.qat_epochs}"
-        minutes = timed(ft_dir, lambda: finetune(FinetuneConfig(
-            weights=str(rec), data=str(data), epochs=args.qat_epochs, teacher="auto", val=False, out=str(ft_dir),
-            experiment="rsdet-compress-bench")))
+        recipe = Path(args.qat_config)
+        ft_dir = work / f"{rec.stem}-qat{args.qat_epochs}-{recipe.stem}"
+        minutes = timed(ft_dir, lambda: finetune(load_config(
+            recipe, FinetuneConfig, weights=str(rec), data=str(data), epochs=args.qat_epochs, val=False,
+            out=str(ft_dir), experiment="rsdet-compress-bench")))
         stages.append((f"+ recover + QAT {args.qat_epochs} ep", ft_dir / "weights" / "last.pt", minutes))
     return stages
 
@@ -152,6 +193,15 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--policy", action="append", default=[], metavar="NAME=PATH", help="searched policy JSON")
     ap.add_argument("--uniform", action="append", default=[], metavar="w4a8p25", help="uniform policy")
+    ap.add_argument("--budget", default="", help="find the policies at this budget, e.g. size=0.125,flops=0.5")
+    ap.add_argument("--searches", default="ajpq,two-stage", help="with --budget: search agents, comma-separated")
+    ap.add_argument("--episodes", type=int, default=24, help="with --budget: candidates per search")
+    ap.add_argument("--search-recover", default="fast", help="with --budget: the searches' candidate evaluation")
+    ap.add_argument("--channel-multiple", type=int, default=8, help="with --budget: kept-channel multiple")
+    ap.add_argument("--uniform-bits", action="append", default=[], metavar="w4a8",
+                    help="with --budget: uniform bits, pruned uniformly until the budget holds")
+    ap.add_argument("--qat-config", default="configs/finetune-after-recover.yaml",
+                    help="QAT recipe YAML (FinetuneConfig fields) for the QAT stage")
     ap.add_argument("--images", type=int, default=256, help="recover: training chips")
     ap.add_argument("--iters", type=int, default=300, help="recover: steps per layer")
     ap.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after recovery (0: none)")
@@ -170,6 +220,13 @@ def main() -> None:
     rows = [row("fp32", "-", ref, None, ones, None, ref)]
     policies = [(n, Policy.load(p)) for n, p in (s.split("=", 1) for s in args.policy)]
     policies += [(f"uniform {u}", uniform_policy(ws, u)) for u in args.uniform]
+    if args.budget:
+        budget = Budget.parse(args.budget.split(","))
+        policies += [(f"{a} @ {args.budget}", searched_policy(a, weights, data, budget, args))
+                     for a in args.searches.split(",") if a]
+        for bits in args.uniform_bits:
+            spec, policy = uniform_at_budget(ws, bits, budget)
+            policies.append((f"uniform {spec} @ {args.budget}", policy))
     for name, policy in policies:
         work = WORK / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{weights.parent.parent.name}-{name}")
         work.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from rsdet_compress.compress.quant import (
     ActQuantizer,
     QConv2d,
     calibrate_activations,
+    clip_weight_ranges,
     fake_quant_weight,
     quantized_weight,
     set_calibrating,
@@ -134,6 +135,29 @@ def test_quantized_weight_codes_reproduce_fake_quant_exactly():
         else:
             assert scales[c] == 0 and torch.all(codes[c] == 0)
     assert codes[0].abs().max() == 1 and codes[3].abs().max() == 127  # the extreme uses the full range
+
+
+def test_clip_weight_ranges_lowers_rounding_error_and_keeps_float_channels():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 4, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.weight[0, 0, 0, 0] = 12.0  # one outlier: at max|w| every other weight of channel 0 lands on 0
+        conv.weight[2, 0, 0, 0] = 12.0  # same outlier in a float channel: must stay
+    qc = QConv2d.from_conv(conv, [4, 4, 32, 8])
+    w0 = conv.weight.detach().clone()
+    err_before = ((fake_quant_weight(w0, qc.w_bits) - w0) ** 2).flatten(1).sum(1)
+    clipped = clip_weight_ranges(qc, (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3))
+    # the stored (clamped) weights fake-quantize onto the clipped grid, judged against the original weights
+    err_after = ((fake_quant_weight(qc.weight, qc.w_bits) - w0) ** 2).flatten(1).sum(1)
+    assert clipped >= 1
+    assert err_after[0] < 0.8 * err_before[0]  # the outlier channel gains most
+    assert torch.all(err_after[[0, 1, 3]] <= err_before[[0, 1, 3]] + 1e-6)
+    assert torch.equal(qc.weight[2], w0[2])  # float channel untouched
+    assert qc.weight[0].abs().max() < 12.0
+    codes, scales = quantized_weight(qc)  # export still reproduces the fake quantization exactly
+    assert torch.equal(codes[:2] * scales[:2, None, None, None], fake_quant_weight(qc.weight, qc.w_bits)[:2])
+    assert clip_weight_ranges(qc, (1.0,)) == 0  # factor 1 only: nothing moves
 
 
 # ---------------------------------------------------------------- ActQuantizer

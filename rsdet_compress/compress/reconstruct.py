@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from rsdet_compress.compress.compensate import compensate
-from rsdet_compress.compress.quant import ActQuantizer
+from rsdet_compress.compress.quant import ActQuantizer, QConv2d, clip_weight_ranges
 from rsdet_compress.compress.units import Unit, select
 
 
@@ -55,6 +55,9 @@ class ReconstructConfig:
     drop: float = 0.5
     #: shrink factors tried for each activation range (1.0 = the calibrated min/max); each costs one rounding.
     range_factors: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4)
+    #: fractions of max|w| tried as each quantized weight channel's range after the least-squares re-fit (1.0 =
+    #: unclipped; ``(1.0,)`` turns the search off); the least rounding error wins and is baked into the weights.
+    weight_clip_factors: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     #: closed-form least-squares re-fit of each conv (and its BN reset to the float one's) before the Adam steps.
     least_squares: bool = True
     #: seeds the batch sampling and the QDrop masks.
@@ -273,12 +276,14 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
             fout = _run(u.float, fstore.data, u, n, chunk)  # what the next float layers read: every channel
             target = _as_list(fout if u.head else select(fout, u.out_map))
             before = _unit_error(u, cstore.data, target, probe)
-            steps = shrunk = 0
+            steps = shrunk = clipped = 0
             fit = before > 1e-10 and any(True for _ in u.compressed.parameters())
             if fit and cfg.least_squares:
                 compensate(u.float, u.compressed, _inputs(fstore.data, u.source, u.index, probe),
                            _inputs(cstore.data, u.source, u.index, probe), u.name, u.module_maps, u.bn_of, gen)
             if fit:
+                clipped = sum(clip_weight_ranges(m, cfg.weight_clip_factors) for m in u.compressed.modules()
+                              if isinstance(m, QConv2d) and m.weight.requires_grad)
                 shrunk = _fit_ranges(u, cstore.data, probe, cfg.range_factors)
                 deadline = None
                 if budget_seconds is not None:
@@ -291,7 +296,7 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
                 fstore.put(u.index, fout if u.index in needed else None)
                 cstore.put(u.index, cout if u.index in needed else None)
             row = {"layer": u.name, "error_before": before, "error_after": after, "steps": steps,
-                   "ranges_shrunk": shrunk, "seconds": round(time.monotonic() - t0, 2)}
+                   "ranges_shrunk": shrunk, "weights_clipped": clipped, "seconds": round(time.monotonic() - t0, 2)}
             rows.append(row)
             if progress is not None:
                 progress(row)

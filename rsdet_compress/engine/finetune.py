@@ -72,6 +72,9 @@ class FinetuneConfig:
     teacher: str = ""
     #: gain of the distillation term (box/cls/dfl gains are ultralytics' defaults 7.5/0.5/1.5).
     distill: float = 1.0
+    #: keep BatchNorm layers on their running statistics (eval mode) while the weights train: batch statistics
+    #: of 16 chips move every BN of a quantized model on each step, undoing a calibration or a ``recover`` fit.
+    freeze_bn: bool = False
     #: fraction of training chips (quick runs and tests).
     fraction: float = 1.0
     #: validate every epoch (ultralytics metrics); the final COCO evaluation always runs.
@@ -153,9 +156,17 @@ class FinetuneTrainer(DetectorTrainer):
     """DetectorTrainer whose loss gets a distillation term (when a teacher is given)."""
 
     def __init__(self, model, overrides: dict, tracker=None, meta=None, teacher: nn.Module | None = None,
-                 gain: float = 1.0):
+                 gain: float = 1.0, freeze_bn: bool = False):
         super().__init__(model, overrides, tracker, meta)
-        self.teacher, self.gain = teacher, gain
+        self.teacher, self.gain, self.freeze_bn = teacher, gain, freeze_bn
+
+    def _model_train(self):
+        """Train mode at each epoch's start; with ``freeze_bn`` every BatchNorm stays on its running statistics."""
+        super()._model_train()
+        if self.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def _setup_train(self):
         super()._setup_train()
@@ -212,7 +223,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         tags[PARENT_TAG] = parent
     base = evaluate(cfg.weights, data.yaml_path, split="val", imgsz=imgsz, device=cfg.device)
     with tracker.run(f"finetune-{meta.get('detector', '')}", params=asdict(cfg), tags=tags) as run_id:
-        trainer = FinetuneTrainer(model, _overrides(tcfg, data, out), tracker, save_meta, teacher, cfg.distill)
+        trainer = FinetuneTrainer(model, _overrides(tcfg, data, out), tracker, save_meta, teacher, cfg.distill,
+                                  cfg.freeze_bn)
         t0 = time.time()
         trainer.train()
         seconds = time.time() - t0

@@ -108,7 +108,11 @@ class DetectorTrainer(DetectionTrainer):
     """Trains the given model object; fp32 checkpoints in our format; our MLflow logging only."""
 
     def __init__(self, model, overrides: dict, tracker: Tracker | None = None, meta: dict | None = None):
+        threads = torch.get_num_threads()
         super().__init__(overrides=overrides)
+        # ultralytics' select_device sets cpu_count - 1 threads, leaving a core to data-loader workers; on CPU
+        # it runs no workers, so on a 2-core machine that halved every epoch (one core idle, measured).
+        torch.set_num_threads(threads)
         self.model = model  # a module, so setup_model() keeps it instead of rebuilding from YAML
         self.tracker = tracker
         self.meta = meta or {}

@@ -1,0 +1,179 @@
+"""Reward ranking: how well each candidate evaluation of a search predicts the mAP a policy ends with.
+
+    python benchmarks/reward_ranking.py --weights runs/baselines/yolov8n/weights/best.pt \\
+        --data runs/data/airbus/data.yaml --budget size=0.125,flops=0.5 --episodes 24 --candidates 12
+
+1. One search (``--agent``, ``--search-recover fast``) at ``--budget``; its in-budget candidates
+   (a finished search is reused from the work folder).
+2. ``--candidates`` of them, evenly spread over the search's reward range (the top alone would
+   say nothing about ranking), each scored again with every reward form of ``search --recover``
+   (``none``: calibration only; ``fast``: short reconstruction), on the same reward chips, timed.
+3. Each gets the full treatment: compress (64 calibration chips) -> ``recover`` (``--images``,
+   ``--iters``) [-> QAT ``--qat-epochs`` with ``--qat-config``] -> mAP on ``--split``.
+4. Spearman rank correlation between each reward form and that final mAP, with the mean
+   evaluation seconds per candidate (the price of a better ranking).
+
+Stage outputs live under $RSDET_RUNS/bench/recovery/ (shared with recovery_compare.py) and are
+reused on reruns. Writes benchmarks/results/<--out>.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recovery_compare import RESULTS, WORK, score, timed
+from scipy.stats import spearmanr
+
+from rsdet_compress.compress.compressor import Workspace, compress
+from rsdet_compress.compress.policy import Policy
+from rsdet_compress.config import load_config
+from rsdet_compress.data.config import load_data_config
+from rsdet_compress.data.evalset import EvalSet
+from rsdet_compress.engine.evaluator import Evaluator
+from rsdet_compress.engine.finetune import FinetuneConfig, finetune
+from rsdet_compress.engine.recovery import RecoverConfig, recover
+from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.evaluation import RECOVERY, CandidateEvaluator, fast_recovery, train_subsets
+from rsdet_compress.search.runner import SearchConfig, search
+
+
+def search_candidates(weights: Path, data: Path, budget: Budget, args) -> list[dict]:
+    """In-budget candidates (episode, policy dict, search metrics) of one search; cached."""
+    tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
+    path = WORK / f"{weights.parent.parent.name}-ranking-{args.agent}-{tag}-e{args.episodes}-{args.search_recover}.json"
+    if not path.is_file():
+        cfg = SearchConfig(weights=str(weights), data=str(data), agent=args.agent, episodes=args.episodes,
+                           budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
+                           recover_iters=args.recover_iters, channel_multiple=args.channel_multiple, seed=args.seed,
+                           experiment="rsdet-compress-bench")
+        result = search(cfg)
+        keep = [{"episode": r["episode"], "policy": r["policy"], "search": r["metrics"]}
+                for r in result.candidates if r["metrics"].get("meets_budget")]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run_id": result.run_id, "config": cfg.__dict__, "candidates": keep},
+                                   indent=1, default=str))
+    return json.loads(path.read_text())["candidates"]
+
+
+def spread(cands: list[dict], k: int) -> list[dict]:
+    """``k`` candidates evenly spaced over the search's reward order (distinct policies only)."""
+    seen, unique = set(), []
+    for c in sorted(cands, key=lambda c: c["search"]["reward"]):
+        key = json.dumps(c["policy"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(c)
+    if len(unique) <= k:
+        return unique
+    return [unique[round(i * (len(unique) - 1) / (k - 1))] for i in range(k)]
+
+
+def rewards(ws: Workspace, data: Path, policies: list[Policy], args) -> dict[str, list[dict]]:
+    """Every reward form of ``search --recover`` for each policy, on the search's own chips."""
+    calib, reward_set = train_subsets(str(data), ws.view.imgsz, args.calib_images, args.reward_images, args.seed)
+    out = {}
+    for form in RECOVERY:
+        ev = CandidateEvaluator(ws, calib, reward_set, recovery=fast_recovery(args.recover_iters) if form == "fast"
+                                else None)
+        out[form] = [ev(p) for p in policies]
+    return out
+
+
+def final_stage(weights: Path, data: Path, policy: Policy, work: Path, args) -> tuple[Path, float]:
+    """compress -> recover (-> QAT): the checkpoint a user would ship, and its total wall minutes."""
+    work.mkdir(parents=True, exist_ok=True)
+    comp = work / "compressed.pt"
+    minutes = timed(comp, lambda: compress(weights, policy, comp, data=data, calib_images=64))
+    rec = work / f"recovered-i{args.images}-s{args.iters}-ls.pt"
+    minutes += timed(rec, lambda: recover(RecoverConfig(weights=str(comp), data=str(data), images=args.images,
+                                                        iters=args.iters, out=str(rec), val=False, track=False)))
+    if not args.qat_epochs:
+        return rec, minutes
+    recipe = Path(args.qat_config)
+    ft = work / f"{rec.stem}-qat{args.qat_epochs}-{recipe.stem}"
+    minutes += timed(ft, lambda: finetune(load_config(recipe, FinetuneConfig, weights=str(rec), data=str(data),
+                                                      epochs=args.qat_epochs, val=False, out=str(ft), track=False)))
+    return ft / "weights" / "last.pt", minutes
+
+
+def markdown(rows: list[dict], summary: dict, header: str) -> str:
+    forms = list(summary["spearman"])
+    cols = ["episode", *[f"reward ({f})" for f in forms], "final mAP50", "size x", "FLOPs x", "BOPs x"]
+    out = [header, "", "| reward form | Spearman ρ vs final mAP50 | p | mean eval s / candidate | eval time x |",
+           "|---|---|---|---|---|"]
+    base = summary["eval_seconds"][forms[0]]
+    for f in forms:
+        rho, p = summary["spearman"][f]
+        out.append(f"| {f} | {rho:+.3f} | {p:.3g} | {summary['eval_seconds'][f]:.1f} | "
+                   f"{summary['eval_seconds'][f] / base:.1f} |")
+    out += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join([str(r["episode"]), *[f"{r['reward'][f]:.4f}" for f in forms],
+                                      f"{r['final_map50']:.4f}", f"{r['size']:.2f}", f"{r['flops']:.2f}",
+                                      f"{r['bops']:.2f}"]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", required=True, help="float checkpoint")
+    ap.add_argument("--data", required=True, help="dataset YAML")
+    ap.add_argument("--split", default="test", help="split the final mAP is measured on")
+    ap.add_argument("--budget", default="size=0.125,flops=0.5")
+    ap.add_argument("--agent", default="ajpq")
+    ap.add_argument("--episodes", type=int, default=24, help="search candidates")
+    ap.add_argument("--search-recover", default="fast", help="the search's own candidate evaluation")
+    ap.add_argument("--recover-iters", type=int, default=5, help="steps per layer of the fast reward")
+    ap.add_argument("--channel-multiple", type=int, default=8)
+    ap.add_argument("--calib-images", type=int, default=32, help="search calibration chips")
+    ap.add_argument("--reward-images", type=int, default=64, help="search reward chips")
+    ap.add_argument("--candidates", type=int, default=12, help="candidates given the full treatment")
+    ap.add_argument("--images", type=int, default=256, help="recover: training chips")
+    ap.add_argument("--iters", type=int, default=100, help="recover: steps per layer")
+    ap.add_argument("--qat-epochs", type=int, default=0)
+    ap.add_argument("--qat-config", default="configs/finetune-after-recover.yaml")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="reward_ranking")
+    args = ap.parse_args()
+    weights, data = Path(args.weights), Path(args.data)
+    budget = Budget.parse(args.budget.split(","))
+    chosen = spread(search_candidates(weights, data, budget, args), args.candidates)
+    if len(chosen) < 3:
+        raise SystemExit(f"error: only {len(chosen)} distinct in-budget candidates; run more --episodes")
+    ws = Workspace.from_weights(weights)
+    policies = [Policy.from_dict(c["policy"]) for c in chosen]
+    forms = rewards(ws, data, policies, args)
+    cfg = load_data_config(data)
+    evaluator = Evaluator(EvalSet.from_coco(cfg.split_coco(args.split), cfg.split_images(args.split),
+                                            int(ws.view.imgsz)), max_det=300)
+    rows = []
+    for i, (c, policy) in enumerate(zip(chosen, policies, strict=True)):
+        work = WORK / f"{weights.parent.parent.name}-ranking-{args.agent}-e{args.episodes}-ep{c['episode']}"
+        path, minutes = final_stage(weights, data, policy, work, args)
+        m, _ = score(path, evaluator)
+        s = c["search"]
+        rows.append({"episode": c["episode"], "reward": {f: forms[f][i]["map50"] for f in forms},
+                     "eval_seconds": {f: forms[f][i]["eval_seconds"] for f in forms},
+                     "final_map50": m["map50"], "final_map50_95": m["map50_95"], "final_minutes": minutes,
+                     "size": s["compression_ratio"], "flops": s["flops_ratio"], "bops": s["bops_ratio"]})
+        print(f"episode {c['episode']:3}: " + "  ".join(f"{f} {rows[-1]['reward'][f]:.4f}" for f in forms)
+              + f"  final {m['map50']:.4f}", flush=True)
+    final = [r["final_map50"] for r in rows]
+    summary = {"spearman": {f: tuple(float(v) for v in spearmanr([r["reward"][f] for r in rows], final))
+                            for f in forms},
+               "eval_seconds": {f: sum(r["eval_seconds"][f] for r in rows) / len(rows) for f in forms}}
+    stage = f"recover ({args.images} chips, {args.iters} steps)" + (
+        f" + QAT {args.qat_epochs} ep ({args.qat_config})" if args.qat_epochs else "")
+    header = (f"# Reward ranking: {args.agent} search at {budget}, {len(rows)} of its candidates\n\n"
+              f"`python benchmarks/reward_ranking.py {' '.join(sys.argv[1:])}`  \n"
+              f"Final mAP50: {args.split} split of {data}, after {stage}. Rewards: the search's training chips.")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.md").write_text(markdown(rows, summary, header))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    print(markdown(rows, summary, header))
+
+
+if __name__ == "__main__":
+    main()
