@@ -10,9 +10,11 @@ them by least squares; here each conv of a unit, in execution order, gets
 with ``X_c`` the compressed conv's actual (activation-quantized) input and
 ``Y_f`` the float conv's output on the float input, sliced to the kept output
 channels. Its BatchNorm then takes the float BN's statistics and affine
-parameters (the conv output it normalises is the float one again). Grouped
-convs (depthwise) are left to the gradient fit. Pixels are sampled so the
-normal equations stay small.
+parameters (the conv output it normalises is the float one again), and a
+quantized conv's weight range is clipped right away
+(:func:`~rsdet_compress.compress.quant.clip_weight_ranges`), so the convs after
+it are fitted to its final rounded weights. Grouped convs (depthwise) are left
+to the gradient fit. Pixels are sampled so the normal equations stay small.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from rsdet_compress.compress.quant import QConv2d
+from rsdet_compress.compress.quant import QConv2d, clip_weight_ranges
 
 #: ridge term relative to the mean diagonal of X^T X: keeps nearly collinear inputs from blowing weights up
 RIDGE = 1e-3
@@ -29,16 +31,27 @@ RIDGE = 1e-3
 PIXELS = 16384
 
 
-def _capture(module: nn.Module, targets: list[nn.Module], run: Callable[[], object], what: str) -> dict:
-    """Inputs (``what="in"``) or outputs of ``targets`` during ``run()``."""
+class _Seen(Exception):
+    """Raised by the input hook once its conv's input is captured: the rest of the forward is not needed."""
+
+
+def _capture(targets: list[nn.Module], run: Callable[[], object], what: str) -> dict:
+    """Inputs (``what="in"``: one target, the forward stops there) or outputs of ``targets`` during ``run()``."""
     seen: dict[nn.Module, Tensor] = {}
+
+    def grab_input(m, a):
+        seen[m] = a[0].detach()
+        raise _Seen
+
     if what == "in":
-        hooks = [t.register_forward_pre_hook(lambda m, a: seen.__setitem__(m, a[0].detach())) for t in targets]
+        hooks = [t.register_forward_pre_hook(grab_input) for t in targets]
     else:
         hooks = [t.register_forward_hook(lambda m, a, o: seen.__setitem__(m, o.detach())) for t in targets]
     try:
         with torch.no_grad():
             run()
+    except _Seen:
+        pass
     finally:
         for h in hooks:
             h.remove()
@@ -71,12 +84,14 @@ def refit(conv: nn.Conv2d, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[
 
 
 def compensate(float_unit: nn.Module, comp_unit: nn.Module, float_in, comp_in, prefix: str,
-               out_maps: dict[str, list[int]], bn_of: dict[str, str], gen: torch.Generator) -> int:
-    """Re-fit every plain (ungrouped) conv of ``comp_unit`` in execution order; returns how many.
+               out_maps: dict[str, list[int]], bn_of: dict[str, str], gen: torch.Generator,
+               clip_factors: tuple[float, ...] = ()) -> dict[nn.Conv2d, int]:
+    """Re-fit every plain (ungrouped) conv of ``comp_unit`` in execution order.
 
     ``float_in`` / ``comp_in``: the unit's inputs (a probe batch); ``prefix``: the unit's module
     path (``model.3``); ``out_maps``: kept output channels of pruned modules (float numbering);
-    ``bn_of``: conv path -> the BatchNorm path that follows it.
+    ``bn_of``: conv path -> the BatchNorm path that follows it; ``clip_factors``: weight range
+    fractions tried after each re-fit. Returns each re-fitted conv with its clipped channel count.
     """
     fmods = dict(float_unit.named_modules(prefix=prefix))
     cmods = dict(comp_unit.named_modules(prefix=prefix))
@@ -90,13 +105,13 @@ def compensate(float_unit: nn.Module, comp_unit: nn.Module, float_in, comp_in, p
     finally:
         for h in hooks:
             h.remove()
-    targets = _capture(float_unit, [fmods[n] for n in order], lambda: float_unit(float_in), "out")
-    fitted = 0
+    targets = _capture([fmods[n] for n in order], lambda: float_unit(float_in), "out")
+    fitted: dict[nn.Conv2d, int] = {}
     for name in dict.fromkeys(order):
         conv = cmods[name]
         if conv.groups != 1 or not conv.weight.requires_grad:  # depthwise; fixed (DFL's expectation conv)
             continue
-        x = _capture(comp_unit, [conv], lambda: comp_unit(comp_in), "in")[conv]
+        x = _capture([conv], lambda: comp_unit(comp_in), "in")[conv]
         if isinstance(conv, QConv2d):
             x = conv.act_quant(x)
         y = targets[fmods[name]]
@@ -115,5 +130,5 @@ def compensate(float_unit: nn.Module, comp_unit: nn.Module, float_in, comp_in, p
                 keep = torch.tensor(out_maps[bn_name] if bn_name in out_maps else range(fbn.num_features))
                 for attr in ("running_mean", "running_var", "weight", "bias"):
                     getattr(cbn, attr).copy_(getattr(fbn, attr)[keep])
-        fitted += 1
+        fitted[conv] = clip_weight_ranges(conv, clip_factors) if isinstance(conv, QConv2d) else 0
     return fitted

@@ -278,12 +278,15 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
             before = _unit_error(u, cstore.data, target, probe)
             steps = shrunk = clipped = 0
             fit = before > 1e-10 and any(True for _ in u.compressed.parameters())
+            refitted: dict[nn.Conv2d, int] = {}
             if fit and cfg.least_squares:
-                compensate(u.float, u.compressed, _inputs(fstore.data, u.source, u.index, probe),
-                           _inputs(cstore.data, u.source, u.index, probe), u.name, u.module_maps, u.bn_of, gen)
-            if fit:
-                clipped = sum(clip_weight_ranges(m, cfg.weight_clip_factors) for m in u.compressed.modules()
-                              if isinstance(m, QConv2d) and m.weight.requires_grad)
+                refitted = compensate(u.float, u.compressed, _inputs(fstore.data, u.source, u.index, probe),
+                                      _inputs(cstore.data, u.source, u.index, probe), u.name, u.module_maps,
+                                      u.bn_of, gen, cfg.weight_clip_factors)
+            if fit:  # convs the least squares left alone (depthwise, or all of them without it) are clipped here
+                clipped = sum(refitted.values()) + sum(
+                    clip_weight_ranges(m, cfg.weight_clip_factors) for m in u.compressed.modules()
+                    if isinstance(m, QConv2d) and m.weight.requires_grad and m not in refitted)
                 shrunk = _fit_ranges(u, cstore.data, probe, cfg.range_factors)
                 deadline = None
                 if budget_seconds is not None:
