@@ -48,13 +48,16 @@ def test_finetune_keeps_structure_and_bits_and_logs_under_the_search(trained_yol
     before = structure(before_model)
     assert sum("weight_bits" in r for r in before.values()) > 50
     r = finetune(FinetuneConfig(weights=out, data=str(small_airbus), epochs=1, batch=8, fraction=0.25,
-                                teacher="auto", out=str(tmp_path / "ft"), val=False, seed=0))
+                                teacher="auto", out=str(tmp_path / "ft"), val=False, seed=0, freeze_bn=True))
     tuned, meta = load_detector(r["weights"])
     assert meta["compressed"] and structure(tuned) == before  # every shape, per-channel weight bits, act bits
     assert {3, 5} <= {b for row in structure(tuned).values() for b in row.get("weight_bits", [])}
     changed = [n for n, p in tuned.named_parameters() if p.ndim == 4 and
                not torch.equal(p, dict(before_model.named_parameters())[n])]
     assert len(changed) > 50  # conv weights were trained
+    stats = {n: b for n, b in before_model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    assert len(stats) > 50 and all(torch.allclose(b, stats[n], rtol=1e-5, atol=1e-6)  # frozen (EMA: up to rounding)
+                                   for n, b in tuned.named_buffers() if n in stats)
     assert "train/kd" in r["history"][0] or any("kd" in k for k in r["history"][0])
     print("val mAP50 before/after one short QAT epoch:", r["before"]["map50"], r["final"]["map50"])
     assert r["before"]["map50"] > 0.05  # the compressed detector still detects, so the next check means something

@@ -62,6 +62,7 @@ def test_recover_lowers_every_layer_error_and_raises_map(trained_yolov8n, small_
     assert len(fitted) >= 15
     for row in fitted:  # on the same chips, each layer's output is closer to the float model's than before
         assert row["error_after"] < row["error_before"], row
+    assert sum(row["weights_clipped"] for row in r["layers"]) > 100  # 4-bit channels took a clipped range
     # structure and bit-widths are the input checkpoint's, after reload; values moved
     src, _ = load_detector(compressed)
     got, meta = load_detector(out)
