@@ -1,11 +1,13 @@
-"""Foundation benchmark: prepare airbus-aircraft, train SkyNet and YOLOv8n on CPU, score on the held-out split.
+"""Foundation benchmark: prepare a data set, train SkyNet and YOLOv8n on CPU, score on the held-out split.
 
-    python benchmarks/train_baselines.py                 # prepare + train + score both
+    python benchmarks/train_baselines.py                 # airbus: prepare + train + score both
     python benchmarks/train_baselines.py --skip-train    # re-score existing weights
+    python benchmarks/train_baselines.py --dataset kit --models yolov8n
 
-Writes benchmarks/results/baselines.md and .json. Recipes: configs/airbus-*.yaml
-(fixed seed). The weights land in runs/baselines/<model>/weights/best.pt and
-are what the compression benchmarks start from.
+Writes benchmarks/results/baselines.md and .json (airbus; baselines_<dataset> for others).
+Recipes: configs/<dataset>-prepare.yaml and configs/<dataset>-<model>.yaml (fixed seed).
+The weights land where each recipe's ``out`` says (runs/baselines/...) and are what the
+compression benchmarks start from.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def _prepare() -> Path:
-    cfg = load_config(REPO / "configs" / "airbus-prepare.yaml", PrepareConfig)
+def _prepare(dataset: str) -> Path:
+    cfg = load_config(REPO / "configs" / f"{dataset}-prepare.yaml", PrepareConfig)
     data_yaml = Path(cfg.out) / "data.yaml"
     if not data_yaml.is_file():
         print(prepare(cfg).format())
@@ -49,7 +51,7 @@ def _row(model: str, train_result: dict | None, weights: Path, data_yaml: Path) 
     }
 
 
-def _markdown(rows: list[dict], command: str) -> str:
+def _markdown(rows: list[dict], command: str, dataset: str) -> str:
     classes = list(rows[0]["test_ap50_per_class"]) if rows else []
     head = ("| model | params | GFLOPs | imgsz | mAP50 (test) | mAP50-95 (test) | "
             + "".join(f"AP50 {c} | " for c in classes)
@@ -63,19 +65,20 @@ def _markdown(rows: list[dict], command: str) -> str:
     cpu = platform.processor() or platform.machine()
     env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
            "inference = batch 16 forward + NMS on the test chips (CPU)")
-    return f"# Baselines: airbus-aircraft, trained from scratch on CPU\n\n{head}{body}\n{env}\n\nCommand: `{command}`\n"
+    return f"# Baselines: {dataset}, trained from scratch on CPU\n\n{head}{body}\n{env}\n\nCommand: `{command}`\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="airbus", help="configs/<dataset>-prepare.yaml and <dataset>-<model>.yaml")
     ap.add_argument("--models", default="yolov8n,skynet")
     ap.add_argument("--skip-train", action="store_true", help="score existing runs/baselines weights")
     ap.add_argument("--retrain", action="store_true", help="train even where finished weights exist")
     args = ap.parse_args()
-    data_yaml = _prepare()
+    data_yaml = _prepare(args.dataset)
     rows = []
     for model in args.models.split(","):
-        cfg = load_config(REPO / "configs" / f"airbus-{model}.yaml", TrainConfig)
+        cfg = load_config(REPO / "configs" / f"{args.dataset}-{model}.yaml", TrainConfig)
         result = None
         metrics = Path(cfg.out) / "metrics.json"
         if not args.skip_train and (args.retrain or not metrics.is_file()):
@@ -88,9 +91,10 @@ def main() -> int:
         rows.append(_row(model, result, weights, data_yaml))
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(["benchmarks/train_baselines.py", *sys.argv[1:]])
-    (RESULTS / "baselines.json").write_text(json.dumps(rows, indent=2))
-    (RESULTS / "baselines.md").write_text(_markdown(rows, command))
-    print(_markdown(rows, command))
+    stem = "baselines" if args.dataset == "airbus" else f"baselines_{args.dataset}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / f"{stem}.md").write_text(_markdown(rows, command, args.dataset))
+    print(_markdown(rows, command, args.dataset))
     return 0
 
 
