@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rsdet_compress.cli.main import main
 from rsdet_compress.compress.policy import Policy
@@ -67,7 +68,10 @@ def test_resume_after_kill_loses_and_duplicates_nothing(trained_yolov8n: Path, s
     ref = search(SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="ajpq", episodes=6,
                               seed=1, **SMALL), progress=False)
     code = "import sys; from rsdet_compress.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=os.environ.copy(),
+    # bit-exact resume holds for one thread count (float sums in the agent's updates depend on it), and importing
+    # ultralytics leaves OMP_NUM_THREADS=1 in os.environ: the killed search gets this process's count instead
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     runs = Path(os.environ["RSDET_RUNS"]) / "search"
     deadline = time.time() + 300
