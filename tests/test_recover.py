@@ -91,6 +91,7 @@ def test_recover_refuses_bad_input_before_any_work(trained_yolov8n, small_airbus
     run_error(capsys, base + ["--weights", compressed, "--images", "100000"], "fewer than --images 100000")
     run_error(capsys, base + ["--weights", compressed, "--images", "4"], "--images must be >= 16")
     run_error(capsys, base + ["--weights", compressed, "--drop", "1.5"], "--drop")
+    run_error(capsys, base + ["--weights", compressed, "--weight-clip-factors", "1,0"], "--weight-clip-factors")
     run_error(capsys, base + ["--weights", compressed, "--out", compressed], "would overwrite the input")
     from types import SimpleNamespace
 

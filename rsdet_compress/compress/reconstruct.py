@@ -7,6 +7,9 @@ already-fitted compressed units before it, its target from the float model on
 the float input, sliced to the channels the compressed unit kept; so each
 unit also compensates what earlier units could not recover. Per unit:
 
+0. (with ``least_squares``) each conv re-fitted in closed form to the float conv's output
+   (:mod:`rsdet_compress.compress.compensate`), then each quantized weight channel clipped to
+   the fraction of max|w| with the least rounding error;
 1. activation ranges re-fit: each of the unit's activation quantizers tries
    its calibrated min/max range shrunk by a few factors and keeps the one with
    the lowest quantization error of its input (the MSE range search of

@@ -79,6 +79,8 @@ class RecoverConfig(ReconstructConfig):
             raise UserError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
         if not self.range_factors or any(not 0.0 < f <= 1.0 for f in self.range_factors):
             raise UserError(f"--range-factors must be in (0, 1], got {list(self.range_factors)}")
+        if not self.weight_clip_factors or any(not 0.0 < f <= 1.0 for f in self.weight_clip_factors):
+            raise UserError(f"--weight-clip-factors must be in (0, 1], got {list(self.weight_clip_factors)}")
 
     def reconstruct_config(self) -> ReconstructConfig:
         return ReconstructConfig(**{f.name: getattr(self, f.name) for f in fields(ReconstructConfig)})

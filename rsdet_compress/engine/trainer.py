@@ -111,7 +111,7 @@ class DetectorTrainer(DetectionTrainer):
         threads = torch.get_num_threads()
         super().__init__(overrides=overrides)
         # ultralytics' select_device sets cpu_count - 1 threads, leaving a core to data-loader workers; on CPU
-        # it runs no workers, so on a 2-core machine that halved every epoch (one core idle, measured).
+        # it runs none, so a 2-core machine trained on one core (18 -> 13 s per 640 px batch of 16 with both).
         torch.set_num_threads(threads)
         self.model = model  # a module, so setup_model() keeps it instead of rebuilding from YAML
         self.tracker = tracker
