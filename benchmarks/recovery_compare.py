@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
+from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.cost import estimate
 from rsdet_compress.compress.policy import Policy
@@ -75,23 +76,48 @@ def uniform_at_budget(ws: Workspace, bits: str, budget: Budget) -> tuple[str, Po
     raise SystemExit(f"error: --uniform-bits {bits}: no uniform pruning up to 90% meets {budget}")
 
 
-def searched_policy(agent: str, weights: Path, data: Path, budget: Budget, args) -> Policy:
-    """The best policy of one search at ``budget``; kept in the work folder and reused on reruns."""
+def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -> dict:
+    """One search at ``budget``: its best policy and in-budget candidates, kept in the work folder.
+
+    Shared by this benchmark and reward_ranking.py, so the ranking reuses the search whose best
+    policy fills this table (same agent, budget, episodes, reward form and seed).
+    """
     tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
-    path = WORK / f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}.json"
+    path = WORK / (f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}"
+                   f"-r{args.recover_iters}-s{args.seed}.json")
     if not path.is_file():
-        result = search(SearchConfig(weights=str(weights), data=str(data), agent=agent,
-                                     budget=[f"{n}={v}" for n, v in budget.limits], episodes=args.episodes,
-                                     recover=args.search_recover, channel_multiple=args.channel_multiple,
-                                     experiment="rsdet-compress-bench"))
+        cfg = SearchConfig(weights=str(weights), data=str(data), agent=agent, episodes=args.episodes,
+                           budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
+                           recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
+                           seed=args.seed, experiment="rsdet-compress-bench")
+        result = search(cfg)
         if result.best_policy is None:
             raise SystemExit(f"error: the {agent} search found no policy within {budget}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        result.best_policy.save(path)
-        path.with_name(path.stem + ".search.json").write_text(json.dumps(
-            {"run_id": result.run_id, "wall_minutes": result.wall_seconds / 60, "eval_ratio": result.eval_ratio,
-             "best": result.best}, indent=2, default=str))
-    return Policy.load(path)
+        record = {"name": path.stem, "run_id": result.run_id, "config": cfg.__dict__,
+                  "wall_minutes": result.wall_seconds / 60, "eval_ratio": result.eval_ratio, "best": result.best,
+                  "best_policy": result.best_policy.to_dict(),
+                  "candidates": [{"episode": r["episode"], "policy": r["policy"], "search": r["metrics"]}
+                                 for r in result.candidates if r["metrics"].get("meets_budget")]}
+        write_text(path, json.dumps(record, indent=1, default=str))  # default: numpy scalars in the metrics
+    return json.loads(path.read_text())
+
+
+def add_search_args(ap: argparse.ArgumentParser) -> None:
+    """The search settings both benchmarks pass to ``cached_search``."""
+    ap.add_argument("--episodes", type=int, default=24, help="candidates per search")
+    ap.add_argument("--search-recover", default="fast", help="the searches' candidate evaluation")
+    ap.add_argument("--recover-iters", type=int, default=5, help="steps per layer of the fast reward")
+    ap.add_argument("--channel-multiple", type=int, default=8, help="kept-channel multiple")
+    ap.add_argument("--seed", type=int, default=0, help="search seed")
+
+
+def add_stage_args(ap: argparse.ArgumentParser, iters: int) -> None:
+    """The recover / QAT settings both benchmarks pass to ``make_stages``."""
+    ap.add_argument("--qat-config", default="configs/finetune-after-recover.yaml",
+                    help="QAT recipe YAML (FinetuneConfig fields) for the QAT stage")
+    ap.add_argument("--images", type=int, default=256, help="recover: training chips")
+    ap.add_argument("--iters", type=int, default=iters, help="recover: steps per layer")
+    ap.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after recovery (0: none)")
 
 
 def _coco(dataset: dict) -> COCO:
@@ -166,11 +192,15 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args) -> list[tuple[str, Path, float]]:
-    """Compress -> recover (-> QAT) for one policy: (stage, checkpoint, wall minutes) each."""
+def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args,
+                ablate_least_squares: bool = False) -> list[tuple[str, Path, float]]:
+    """Compress -> recover (-> QAT) for one policy: (stage, checkpoint, wall minutes) each.
+
+    With ``ablate_least_squares`` it also recovers without the LS re-fit (Adam alone); QAT
+    starts from the LS recovery."""
     comp = work / "compressed.pt"
     stages = [("calibrated", comp, timed(comp, lambda: compress(weights, policy, comp, data=data, calib_images=64)))]
-    for ls in sorted({True, not args.ablate_least_squares}):  # with --ablate-least-squares: Adam alone too
+    for ls in sorted({True, not ablate_least_squares}):
         rec = work / f"recovered-i{args.images}-s{args.iters}{'-ls' if ls else ''}.pt"
         cfg = RecoverConfig(weights=str(comp), data=str(data), images=args.images, iters=args.iters, out=str(rec),
                             least_squares=ls, val=False, experiment="rsdet-compress-bench")
@@ -195,19 +225,13 @@ def main() -> None:
     ap.add_argument("--uniform", action="append", default=[], metavar="w4a8p25", help="uniform policy")
     ap.add_argument("--budget", default="", help="find the policies at this budget, e.g. size=0.125,flops=0.5")
     ap.add_argument("--searches", default="ajpq,two-stage", help="with --budget: search agents, comma-separated")
-    ap.add_argument("--episodes", type=int, default=24, help="with --budget: candidates per search")
-    ap.add_argument("--search-recover", default="fast", help="with --budget: the searches' candidate evaluation")
-    ap.add_argument("--channel-multiple", type=int, default=8, help="with --budget: kept-channel multiple")
     ap.add_argument("--uniform-bits", action="append", default=[], metavar="w4a8",
                     help="with --budget: uniform bits, pruned uniformly until the budget holds")
-    ap.add_argument("--qat-config", default="configs/finetune-after-recover.yaml",
-                    help="QAT recipe YAML (FinetuneConfig fields) for the QAT stage")
-    ap.add_argument("--images", type=int, default=256, help="recover: training chips")
-    ap.add_argument("--iters", type=int, default=300, help="recover: steps per layer")
-    ap.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after recovery (0: none)")
     ap.add_argument("--ablate-least-squares", action="store_true", help="also recover without the LS re-fit")
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: no intervals)")
     ap.add_argument("--out", default="recovery_compare", help="results file stem in benchmarks/results/")
+    add_search_args(ap)
+    add_stage_args(ap, iters=300)
     args = ap.parse_args()
     weights, data = Path(args.weights), Path(args.data)
     cfg = load_data_config(data)
@@ -222,8 +246,9 @@ def main() -> None:
     policies += [(f"uniform {u}", uniform_policy(ws, u)) for u in args.uniform]
     if args.budget:
         budget = Budget.parse(args.budget.split(","))
-        policies += [(f"{a} @ {args.budget}", searched_policy(a, weights, data, budget, args))
-                     for a in args.searches.split(",") if a]
+        for agent in filter(None, args.searches.split(",")):
+            found = cached_search(agent, weights, data, budget, args)
+            policies.append((f"{agent} @ {args.budget}", Policy.from_dict(found["best_policy"])))
         for bits in args.uniform_bits:
             spec, policy = uniform_at_budget(ws, bits, budget)
             policies.append((f"uniform {spec} @ {args.budget}", policy))
@@ -232,7 +257,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         ratios = {k: v for k, v in estimate(ws.view, ws.resolve(policy)).ratios(float_cost).items()
                   if k in ("size", "flops", "bops")}
-        stages = make_stages(policy, weights, data, work, args)
+        stages = make_stages(policy, weights, data, work, args, args.ablate_least_squares)
         for stage, path, minutes in stages:
             m, dets = score(path, evaluator)
             ci = paired_bootstrap(evalset.coco, evalset.image_ids, ref_dets, dets, args.bootstrap) \

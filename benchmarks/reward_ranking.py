@@ -4,7 +4,7 @@
         --data runs/data/airbus/data.yaml --budget size=0.125,flops=0.5 --episodes 24 --candidates 12
 
 1. One search (``--agent``, ``--search-recover fast``) at ``--budget``; its in-budget candidates
-   (a finished search is reused from the work folder).
+   (the search recovery_compare.py ran with the same settings is reused from the work folder).
 2. ``--candidates`` of them, evenly spread over the search's reward range (the top alone would
    say nothing about ranking), each scored again with every reward form of ``search --recover``
    (``none``: calibration only; ``fast``: short reconstruction), on the same reward chips, timed.
@@ -23,38 +23,16 @@ import json
 import sys
 from pathlib import Path
 
-from recovery_compare import RESULTS, WORK, score, timed
+from recovery_compare import RESULTS, WORK, add_search_args, add_stage_args, cached_search, make_stages, score
 from scipy.stats import spearmanr
 
-from rsdet_compress.compress.compressor import Workspace, compress
+from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.policy import Policy
-from rsdet_compress.config import load_config
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator
-from rsdet_compress.engine.finetune import FinetuneConfig, finetune
-from rsdet_compress.engine.recovery import RecoverConfig, recover
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.evaluation import RECOVERY, CandidateEvaluator, fast_recovery, train_subsets
-from rsdet_compress.search.runner import SearchConfig, search
-
-
-def search_candidates(weights: Path, data: Path, budget: Budget, args) -> list[dict]:
-    """In-budget candidates (episode, policy dict, search metrics) of one search; cached."""
-    tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
-    path = WORK / f"{weights.parent.parent.name}-ranking-{args.agent}-{tag}-e{args.episodes}-{args.search_recover}.json"
-    if not path.is_file():
-        cfg = SearchConfig(weights=str(weights), data=str(data), agent=args.agent, episodes=args.episodes,
-                           budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
-                           recover_iters=args.recover_iters, channel_multiple=args.channel_multiple, seed=args.seed,
-                           experiment="rsdet-compress-bench")
-        result = search(cfg)
-        keep = [{"episode": r["episode"], "policy": r["policy"], "search": r["metrics"]}
-                for r in result.candidates if r["metrics"].get("meets_budget")]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"run_id": result.run_id, "config": cfg.__dict__, "candidates": keep},
-                                   indent=1, default=str))
-    return json.loads(path.read_text())["candidates"]
 
 
 def spread(cands: list[dict], k: int) -> list[dict]:
@@ -70,32 +48,16 @@ def spread(cands: list[dict], k: int) -> list[dict]:
     return [unique[round(i * (len(unique) - 1) / (k - 1))] for i in range(k)]
 
 
-def rewards(ws: Workspace, data: Path, policies: list[Policy], args) -> dict[str, list[dict]]:
+def rewards(ws: Workspace, data: Path, policies: list[Policy], search_cfg: dict) -> dict[str, list[dict]]:
     """Every reward form of ``search --recover`` for each policy, on the search's own chips."""
-    calib, reward_set = train_subsets(str(data), ws.view.imgsz, args.calib_images, args.reward_images, args.seed)
+    calib, reward_set = train_subsets(str(data), ws.view.imgsz, search_cfg["calib_images"],
+                                      search_cfg["reward_images"], search_cfg["seed"])
     out = {}
     for form in RECOVERY:
-        ev = CandidateEvaluator(ws, calib, reward_set, recovery=fast_recovery(args.recover_iters) if form == "fast"
-                                else None)
+        ev = CandidateEvaluator(ws, calib, reward_set, recovery=fast_recovery(search_cfg["recover_iters"])
+                                if form == "fast" else None)
         out[form] = [ev(p) for p in policies]
     return out
-
-
-def final_stage(weights: Path, data: Path, policy: Policy, work: Path, args) -> tuple[Path, float]:
-    """compress -> recover (-> QAT): the checkpoint a user would ship, and its total wall minutes."""
-    work.mkdir(parents=True, exist_ok=True)
-    comp = work / "compressed.pt"
-    minutes = timed(comp, lambda: compress(weights, policy, comp, data=data, calib_images=64))
-    rec = work / f"recovered-i{args.images}-s{args.iters}-ls.pt"
-    minutes += timed(rec, lambda: recover(RecoverConfig(weights=str(comp), data=str(data), images=args.images,
-                                                        iters=args.iters, out=str(rec), val=False, track=False)))
-    if not args.qat_epochs:
-        return rec, minutes
-    recipe = Path(args.qat_config)
-    ft = work / f"{rec.stem}-qat{args.qat_epochs}-{recipe.stem}"
-    minutes += timed(ft, lambda: finetune(load_config(recipe, FinetuneConfig, weights=str(rec), data=str(data),
-                                                      epochs=args.qat_epochs, val=False, out=str(ft), track=False)))
-    return ft / "weights" / "last.pt", minutes
 
 
 def markdown(rows: list[dict], summary: dict, header: str) -> str:
@@ -123,35 +85,29 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="split the final mAP is measured on")
     ap.add_argument("--budget", default="size=0.125,flops=0.5")
     ap.add_argument("--agent", default="ajpq")
-    ap.add_argument("--episodes", type=int, default=24, help="search candidates")
-    ap.add_argument("--search-recover", default="fast", help="the search's own candidate evaluation")
-    ap.add_argument("--recover-iters", type=int, default=5, help="steps per layer of the fast reward")
-    ap.add_argument("--channel-multiple", type=int, default=8)
-    ap.add_argument("--calib-images", type=int, default=32, help="search calibration chips")
-    ap.add_argument("--reward-images", type=int, default=64, help="search reward chips")
     ap.add_argument("--candidates", type=int, default=12, help="candidates given the full treatment")
-    ap.add_argument("--images", type=int, default=256, help="recover: training chips")
-    ap.add_argument("--iters", type=int, default=100, help="recover: steps per layer")
-    ap.add_argument("--qat-epochs", type=int, default=0)
-    ap.add_argument("--qat-config", default="configs/finetune-after-recover.yaml")
-    ap.add_argument("--seed", type=int, default=0)
+    add_search_args(ap)
+    add_stage_args(ap, iters=100)
     ap.add_argument("--out", default="reward_ranking")
     args = ap.parse_args()
     weights, data = Path(args.weights), Path(args.data)
     budget = Budget.parse(args.budget.split(","))
-    chosen = spread(search_candidates(weights, data, budget, args), args.candidates)
+    found = cached_search(args.agent, weights, data, budget, args)
+    chosen = spread(found["candidates"], args.candidates)
     if len(chosen) < 3:
         raise SystemExit(f"error: only {len(chosen)} distinct in-budget candidates; run more --episodes")
     ws = Workspace.from_weights(weights)
     policies = [Policy.from_dict(c["policy"]) for c in chosen]
-    forms = rewards(ws, data, policies, args)
+    forms = rewards(ws, data, policies, found["config"])
     cfg = load_data_config(data)
     evaluator = Evaluator(EvalSet.from_coco(cfg.split_coco(args.split), cfg.split_images(args.split),
                                             int(ws.view.imgsz)), max_det=300)
     rows = []
     for i, (c, policy) in enumerate(zip(chosen, policies, strict=True)):
-        work = WORK / f"{weights.parent.parent.name}-ranking-{args.agent}-e{args.episodes}-ep{c['episode']}"
-        path, minutes = final_stage(weights, data, policy, work, args)
+        work = WORK / f"{found['name']}-ep{c['episode']}"  # the search's budget and settings are in its name
+        work.mkdir(parents=True, exist_ok=True)
+        stages = make_stages(policy, weights, data, work, args)
+        path, minutes = stages[-1][1], sum(m for _, _, m in stages)
         m, _ = score(path, evaluator)
         s = c["search"]
         rows.append({"episode": c["episode"], "reward": {f: forms[f][i]["map50"] for f in forms},
