@@ -48,8 +48,10 @@ def test_finetune_keeps_structure_and_bits_and_logs_under_the_search(trained_yol
     before = structure(before_model)
     assert sum("weight_bits" in r for r in before.values()) > 50
     r = finetune(FinetuneConfig(weights=out, data=str(small_airbus), epochs=1, batch=8, fraction=0.25,
-                                teacher="auto", out=str(tmp_path / "ft"), val=False, seed=0, freeze_bn=True))
-    tuned, meta = load_detector(r["weights"])
+                                teacher="auto", out=str(tmp_path / "ft"), val=False, seed=0, freeze_bn=True,
+                                learn_steps=True))
+    assert r["learned_step_convs"] > 50
+    tuned, meta = load_detector(r["weights"])  # strict load: the learned steps were baked, not saved
     assert meta["compressed"] and structure(tuned) == before  # every shape, per-channel weight bits, act bits
     assert {3, 5} <= {b for row in structure(tuned).values() for b in row.get("weight_bits", [])}
     changed = [n for n, p in tuned.named_parameters() if p.ndim == 4 and

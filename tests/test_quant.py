@@ -12,9 +12,11 @@ from torch import nn
 from rsdet_compress.compress.quant import (
     ActQuantizer,
     QConv2d,
+    bake_weight_steps,
     calibrate_activations,
     clip_weight_ranges,
     fake_quant_weight,
+    learn_weight_steps,
     quantized_weight,
     set_calibrating,
 )
@@ -158,6 +160,38 @@ def test_clip_weight_ranges_lowers_rounding_error_and_keeps_float_channels():
     codes, scales = quantized_weight(qc)  # export still reproduces the fake quantization exactly
     assert torch.equal(codes[:2] * scales[:2, None, None, None], fake_quant_weight(qc.weight, qc.w_bits)[:2])
     assert clip_weight_ranges(qc, (1.0,)) == 0  # factor 1 only: nothing moves
+
+
+def test_learned_weight_steps_start_on_the_grid_learn_a_clip_and_bake_into_plain_weights():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.normal_()  # gaussian tails: at 3-4 bits the output error is least below max|w| (a clip)
+    qc = QConv2d.from_conv(conv, [4, 3, 32, 4])
+    model = nn.Sequential(qc)
+    keys = set(model.state_dict())
+    x = torch.randn(8, 8, 12, 12)
+    target = nn.functional.conv2d(x, conv.weight.detach(), conv.bias.detach(), padding=1)  # the float conv
+    before = model(x).detach()
+    steps = learn_weight_steps(model)
+    assert len(steps) == 1 and torch.equal(model(x), before)  # attaching moves nothing
+    w0, s0 = qc.weight.detach().clone(), steps[0].detach().clone()
+    opt = torch.optim.Adam(steps, lr=1e-2)  # steps only: what they learn is the grid, not the weights
+    for _ in range(60):
+        opt.zero_grad()
+        loss = ((model(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+    assert torch.equal(qc.weight, w0) and steps[0].grad[[0, 1, 3]].abs().sum() > 0
+    assert torch.all(steps[0][[0, 1, 3]] < 0.97 * s0[[0, 1, 3]])  # every quantized channel learned to clip
+    learned = model(x).detach()
+    assert ((learned - target) ** 2).mean() < ((before - target) ** 2).mean()
+    assert bake_weight_steps(model) == 1 and qc.weight_step is None and set(model.state_dict()) == keys
+    assert torch.allclose(model(x), learned, atol=1e-5)  # the plain max|w| grid gives back the learned one
+    codes, scales = quantized_weight(qc)
+    assert torch.allclose(scales[[0, 1, 3]], steps[0][[0, 1, 3]].detach())
+    assert [int(codes[c].abs().max()) for c in (0, 1, 3)] == [7, 3, 7]
+    assert torch.equal(qc.weight[2], w0[2])  # float channel untouched
 
 
 # ---------------------------------------------------------------- ActQuantizer

@@ -84,6 +84,30 @@ def fake_quant_weight(w: Tensor, bits: Tensor) -> Tensor:
     return (w - w.detach()) + q  # value: exactly q; gradient: identity
 
 
+def lsq_fake_quant_weight(w: Tensor, bits: Tensor, step: Tensor) -> Tensor:
+    """Per-output-channel fake quantization with learned step sizes (LSQ, Esser et al. 2020).
+
+    ``step``: one step per output channel, a Parameter. Gradients reach both ``w``
+    (straight-through inside the clip range, 0 outside) and ``step`` (LSQ's gradient, scaled by
+    1 / sqrt(weights per channel x qmax) so steps move at the weights' pace). A step may shrink
+    below max|w| / qmax (clipping: the MSE-optimal 4-bit range is ~0.7-0.9 of it) but is capped
+    there: the channel's largest weight then always takes code +-qmax, so baking the result into
+    the weights (:func:`bake_weight_steps`) gives back exactly this step on reload. Float
+    channels pass through unchanged.
+    """
+    view = (-1,) + (1,) * (w.dim() - 1)
+    is_float = (bits.to(w.device) >= FLOAT_BITS).view(view)
+    qmax = (torch.pow(2.0, bits.to(w.device).clamp(max=MAX_INT_BITS).to(w.dtype) - 1) - 1).view(view)
+    top = w.detach().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
+    grad_scale = (w[0].numel() * qmax).rsqrt()
+    s = step.view(view)
+    s = s.detach() + (s - s.detach()) * grad_scale  # value exactly s, gradient scaled
+    s = torch.minimum(s, top / qmax).clamp_min(torch.finfo(w.dtype).tiny)  # never a wider grid than max|w| needs
+    v = torch.clamp(w / s, -qmax, qmax)
+    q = (v.detach().round() + (v - v.detach())) * s  # value exactly round(v) * s (codes x scale), STE gradient
+    return torch.where(is_float, w, q)
+
+
 class ActQuantizer(nn.Module):
     """Asymmetric per-tensor fake quantization of activations with a calibrated range.
 
@@ -193,6 +217,9 @@ class QConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.register_buffer("w_bits", _bits_tensor(weight_bits, self.out_channels, self.weight.device))
         self.act_quant = ActQuantizer(act_bits)
+        #: learned per-channel weight steps while QAT learns them (:func:`learn_weight_steps`), else None;
+        #: baked into the weights before saving, so checkpoints never carry it
+        self.register_parameter("weight_step", None)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, weight_bits: Sequence[int] | int = FLOAT_BITS,
@@ -217,7 +244,10 @@ class QConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act_quant(x)
-        w = fake_quant_weight(self.weight, self.w_bits) if self.quantizes_weight else self.weight
+        if self.weight_step is not None:
+            w = lsq_fake_quant_weight(self.weight, self.w_bits, self.weight_step)
+        else:
+            w = fake_quant_weight(self.weight, self.w_bits) if self.quantizes_weight else self.weight
         return self._conv_forward(x, w, self.bias)
 
     def extra_repr(self) -> str:
@@ -277,6 +307,37 @@ def clip_weight_ranges(conv: QConv2d, factors: Sequence[float]) -> int:
         limit = torch.where(clipped, clip, torch.full_like(clip, float("inf"))).view(view)
         conv.weight.copy_(torch.maximum(torch.minimum(conv.weight, limit), -limit))
     return int(clipped.sum())
+
+
+def learn_weight_steps(model: nn.Module) -> list[nn.Parameter]:
+    """Give every weight-quantizing QConv2d a learnable step per output channel (LSQ) for QAT.
+
+    Steps start at the grid the weights have now (max|w| / qmax, after any ``recover`` clip),
+    so the model's output does not move when they are attached. Returns the new Parameters.
+    """
+    steps = []
+    for m in model.modules():
+        if isinstance(m, QConv2d) and m.quantizes_weight and m.weight_step is None:
+            _, scale, is_float = _weight_qparams(m.weight.detach(), m.w_bits)
+            m.weight_step = nn.Parameter(torch.where(is_float, torch.ones_like(scale), scale))
+            steps.append(m.weight_step)
+    return steps
+
+
+@torch.no_grad()
+def bake_weight_steps(model: nn.Module) -> int:
+    """Write each learned step into its conv's weights (the fake-quantized values) and drop the steps.
+
+    Afterwards the plain per-channel max|w| grid reproduces the learned grid, so the
+    checkpoint, ``quantized_weight`` and every export read it as usual. Returns how many convs.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QConv2d) and m.weight_step is not None:
+            m.weight.copy_(lsq_fake_quant_weight(m.weight, m.w_bits, m.weight_step))
+            m.weight_step = None
+            n += 1
+    return n
 
 
 def iter_act_quantizers(model: nn.Module) -> list[ActQuantizer]:

@@ -19,6 +19,7 @@ distillation, LD). The sum, times ``distill``, is a fourth loss term ``kd``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from rsdet_compress.atomic import write_text
-from rsdet_compress.compress.quant import QConv2d
+from rsdet_compress.compress.quant import QConv2d, bake_weight_steps, learn_weight_steps
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.detectors.checkpoint import check_classes
 from rsdet_compress.engine.scorer import evaluate
@@ -75,6 +76,9 @@ class FinetuneConfig:
     #: keep BatchNorm layers on their running statistics (eval mode) while the weights train: batch statistics
     #: of 16 chips move every BN of a quantized model on each step, undoing a calibration or a ``recover`` fit.
     freeze_bn: bool = False
+    #: learn each quantized channel's weight step (LSQ) instead of taking it from max|w| on every step; the
+    #: learned grid is baked into the saved weights, so checkpoints and exports are unchanged.
+    learn_steps: bool = False
     #: fraction of training chips (quick runs and tests).
     fraction: float = 1.0
     #: validate every epoch (ultralytics metrics); the final COCO evaluation always runs.
@@ -160,6 +164,15 @@ class FinetuneTrainer(DetectorTrainer):
         super().__init__(model, overrides, tracker, meta)
         self.teacher, self.gain, self.freeze_bn = teacher, gain, freeze_bn
 
+    def model_to_save(self) -> nn.Module:
+        """The EMA weights, with learned weight steps (if any) baked in: a plain compressed checkpoint."""
+        ema = self.ema.ema
+        if not any(getattr(m, "weight_step", None) is not None for m in ema.modules()):
+            return ema
+        baked = copy.deepcopy(ema)
+        bake_weight_steps(baked)
+        return baked
+
     def _model_train(self):
         """Train mode at each epoch's start; with ``freeze_bn`` every BatchNorm stays on its running statistics."""
         super()._model_train()
@@ -209,6 +222,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                         f"({teacher_path or 'not recorded'}) are not there; give --teacher FLOAT.pt")
     teacher = _teacher(teacher_path, meta) if teacher_path else None
     before = structure(model)
+    steps = learn_weight_steps(model) if cfg.learn_steps else []
     imgsz = int(meta.get("imgsz") or 640)
     out = Path(cfg.out)
     tcfg = TrainConfig(model=meta.get("detector", ""), data=cfg.data, epochs=cfg.epochs, time=cfg.time, imgsz=imgsz,
@@ -237,7 +251,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         final = evaluate(weights, data.yaml_path, split="val", imgsz=imgsz, device=cfg.device)
         result = {"weights": str(weights), "train_seconds": round(seconds, 1), "epochs_run": len(trainer.history),
                   "before": base, "final": final, "history": trainer.history, "mlflow_run_id": run_id,
-                  "parent_run": parent, "structure_kept": True}
+                  "parent_run": parent, "structure_kept": True, "learned_step_convs": len(steps)}
         write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))  # before logging, which may fail
         scalar = {k: v for k, v in final.items() if not isinstance(v, dict)}
         tracker.log_metrics({"final": scalar, "before": {k: v for k, v in base.items() if not isinstance(v, dict)},

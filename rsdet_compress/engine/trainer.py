@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 
 from rsdet_compress.atomic import write_json
@@ -139,10 +140,15 @@ class DetectorTrainer(DetectionTrainer):
     def save_model(self) -> bool:
         """Write last.pt (and best.pt on improvement) from the EMA weights, fp32, our format."""
         meta = {**self.meta, "epoch": self.epoch + 1, "fitness": float(self.fitness or 0.0)}
-        save_detector(self.ema.ema, self.last, meta)
+        model = self.model_to_save()
+        save_detector(model, self.last, meta)
         if self.best_fitness == self.fitness:
-            save_detector(self.ema.ema, self.best, meta)
+            save_detector(model, self.best, meta)
         return True
+
+    def model_to_save(self) -> nn.Module:
+        """The module ``save_model`` writes: the EMA weights."""
+        return self.ema.ema
 
     def final_eval(self) -> None:
         """Skipped: the caller scores best.pt with the COCO evaluator instead."""
