@@ -117,6 +117,8 @@ def add_stage_args(ap: argparse.ArgumentParser, iters: int) -> None:
                     help="QAT recipe YAML (FinetuneConfig fields) for the QAT stage")
     ap.add_argument("--images", type=int, default=256, help="recover: training chips")
     ap.add_argument("--iters", type=int, default=iters, help="recover: steps per layer")
+    ap.add_argument("--recover-minutes", type=float, default=None,
+                    help="recover: wall-clock cap (--budget-minutes), spread over the layers")
     ap.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after recovery (0: none)")
 
 
@@ -201,10 +203,13 @@ def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args,
     comp = work / "compressed.pt"
     stages = [("calibrated", comp, timed(comp, lambda: compress(weights, policy, comp, data=data, calib_images=64)))]
     for ls in sorted({True, not ablate_least_squares}):
-        rec = work / f"recovered-i{args.images}-s{args.iters}{'-ls' if ls else ''}.pt"
+        cap = f"-m{args.recover_minutes:g}" if args.recover_minutes else ""
+        rec = work / f"recovered-i{args.images}-s{args.iters}{cap}{'-ls' if ls else ''}.pt"
         cfg = RecoverConfig(weights=str(comp), data=str(data), images=args.images, iters=args.iters, out=str(rec),
-                            least_squares=ls, val=False, experiment="rsdet-compress-bench")
-        stages.append((f"+ recover ({'LS + ' if ls else ''}{args.iters} steps)", rec,
+                            least_squares=ls, budget_minutes=args.recover_minutes, val=False,
+                            experiment="rsdet-compress-bench")
+        steps = f"{args.iters} steps" + (f", {args.recover_minutes:g} min cap" if args.recover_minutes else "")
+        stages.append((f"+ recover ({'LS + ' if ls else ''}{steps})", rec,
                        timed(rec, lambda cfg=cfg: recover(cfg))))
     if args.qat_epochs:
         recipe = Path(args.qat_config)

@@ -77,8 +77,12 @@ class FinetuneConfig:
     #: of 16 chips move every BN of a quantized model on each step, undoing a calibration or a ``recover`` fit.
     freeze_bn: bool = False
     #: learn each quantized channel's weight step (LSQ) instead of taking it from max|w| on every step; the
-    #: learned grid is baked into the saved weights, so checkpoints and exports are unchanged.
+    #: learned grid is baked into the saved weights, so checkpoints and exports are unchanged. Off: after
+    #: ``recover`` the steps barely move (its clip already set them) and it gained nothing on the test model.
     learn_steps: bool = False
+    #: learning rate of the learned steps (own group, no weight decay): LSQ's rate. Their gradients are scaled
+    #: by 1/sqrt(weights per channel x qmax), so at the weights' lr0 they would not move in a 3-epoch run.
+    step_lr: float = 0.01
     #: fraction of training chips (quick runs and tests).
     fraction: float = 1.0
     #: validate every epoch (ultralytics metrics); the final COCO evaluation always runs.
@@ -105,6 +109,8 @@ class FinetuneConfig:
             raise UserError("no dataset given (--data DATA.yaml)")
         if self.epochs < 1 or self.batch < 1 or self.distill < 0:
             raise UserError("epochs and batch must be >= 1, distill >= 0")
+        if self.step_lr <= 0:
+            raise UserError(f"--step-lr must be > 0, got {self.step_lr}")
         if self.time is not None and self.time <= 0:
             raise UserError(f"--time must be > 0 hours, got {self.time}")
         if not 0.0 < self.fraction <= 1.0:
@@ -160,9 +166,20 @@ class FinetuneTrainer(DetectorTrainer):
     """DetectorTrainer whose loss gets a distillation term (when a teacher is given)."""
 
     def __init__(self, model, overrides: dict, tracker=None, meta=None, teacher: nn.Module | None = None,
-                 gain: float = 1.0, freeze_bn: bool = False):
+                 gain: float = 1.0, freeze_bn: bool = False, step_lr: float = 0.01):
         super().__init__(model, overrides, tracker, meta)
-        self.teacher, self.gain, self.freeze_bn = teacher, gain, freeze_bn
+        self.teacher, self.gain, self.freeze_bn, self.step_lr = teacher, gain, freeze_bn, step_lr
+
+    def build_optimizer(self, model, *args, **kwargs):
+        """Ultralytics' optimizer, with learned weight steps (if any) moved to a group of their own."""
+        opt = super().build_optimizer(model, *args, **kwargs)
+        steps = {id(m.weight_step): m.weight_step for m in model.modules()
+                 if getattr(m, "weight_step", None) is not None}
+        if steps:
+            for group in opt.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in steps]
+            opt.add_param_group({"params": list(steps.values()), "lr": self.step_lr, "weight_decay": 0.0})
+        return opt
 
     def model_to_save(self) -> nn.Module:
         """The EMA weights, with learned weight steps (if any) baked in: a plain compressed checkpoint."""
@@ -238,7 +255,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     base = evaluate(cfg.weights, data.yaml_path, split="val", imgsz=imgsz, device=cfg.device)
     with tracker.run(f"finetune-{meta.get('detector', '')}", params=asdict(cfg), tags=tags) as run_id:
         trainer = FinetuneTrainer(model, _overrides(tcfg, data, out), tracker, save_meta, teacher, cfg.distill,
-                                  cfg.freeze_bn)
+                                  cfg.freeze_bn, cfg.step_lr)
         t0 = time.time()
         trainer.train()
         seconds = time.time() - t0
