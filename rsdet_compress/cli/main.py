@@ -12,6 +12,7 @@ from collections.abc import Callable
 from rsdet_compress.cli import (
     add_trust_weights,
     benchmark_cli,
+    choices,
     export_cli,
     finetune_cli,
     recover_cli,
@@ -27,37 +28,17 @@ from rsdet_compress.cli.search_cli import run_compare, run_search
 from rsdet_compress.errors import UserError
 
 
-def _detectors() -> list[str]:
-    from rsdet_compress.detectors.registry import list_detectors
-    return list_detectors()
-
-
-def _readers() -> list[str]:
-    from rsdet_compress.data.readers import READERS
-    return sorted(READERS)
-
-
-def _criteria() -> list[str]:
-    from rsdet_compress.compress.importance import CRITERIA
-    return list(CRITERIA)
-
-
-def _merge_methods() -> tuple[str, ...]:
-    from rsdet_compress.engine.slicer import MERGE_METHODS
-    return MERGE_METHODS
-
-
 def _add_prepare(p: argparse.ArgumentParser) -> None:
     from rsdet_compress.data.prepare import PrepareConfig
     p.add_argument("--config", help="YAML with any of the options below (flags win)")
-    add_config_args(p, PrepareConfig, choices={"format": _readers})
+    add_config_args(p, PrepareConfig, choices={"format": choices.readers})
     p.add_argument("--quiet", action="store_true")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     from rsdet_compress.engine.trainer import AUGMENTATIONS, TrainConfig
     p.add_argument("--config", help="training recipe YAML (configs/...); flags win")
-    add_config_args(p, TrainConfig, choices={"model": _detectors, "augment": lambda: AUGMENTATIONS})
+    add_config_args(p, TrainConfig, choices={"model": choices.detectors, "augment": lambda: AUGMENTATIONS})
     add_trust_weights(p)
 
 
@@ -88,7 +69,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=0.2, help="overlap of neighbouring windows (0..<1)")
     p.add_argument("--merge", default="nms", metavar="NAME",
                    help=ChoicesHelp("merge windows' boxes (wbf: weighted box fusion); one of: %(choices)s",
-                                    _merge_methods))
+                                    choices.merge_methods))
     p.add_argument("--full-pass", action="store_true", help="also run the whole image at reduced resolution")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -103,7 +84,7 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, help="activation bits (default: same as --uniform-bits)")
     p.add_argument("--prune", type=float, default=0.0, help="fraction of channels removed from every group")
     p.add_argument("--criterion", default=DEFAULT_CRITERION, metavar="NAME",
-                   help=ChoicesHelp("channel ranking, one of: %(choices)s", _criteria))
+                   help=ChoicesHelp("channel ranking, one of: %(choices)s", choices.criteria))
     p.add_argument("--imgsz", type=int)
     p.add_argument("--out", required=True)
     add_trust_weights(p)

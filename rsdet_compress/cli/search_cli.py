@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rsdet_compress.cli import add_trust_weights
+from rsdet_compress.cli import add_trust_weights, choices
 from rsdet_compress.cli.options import ChoicesHelp, add_config_args
 from rsdet_compress.errors import UserError
 
@@ -15,44 +15,14 @@ COMPARE_HELP = "table + Pareto plot of several searches (MLflow parent run ids)"
 _NOT_CONFIG = ("command", "resume", "out", "quiet", "trust_weights")
 
 
-def _agents() -> list[str]:
-    from rsdet_compress.search.searchers import SEARCHERS
-    return list(SEARCHERS)
-
-
-def _rewards() -> list[str]:
-    from rsdet_compress.search.rewards import REWARDS
-    return list(REWARDS)
-
-
-def _metrics() -> tuple[str, ...]:
-    from rsdet_compress.search.runner import METRICS
-    return METRICS
-
-
-def _budget_metrics() -> list[str]:
-    from rsdet_compress.search.budget import METRICS
-    return list(METRICS)
-
-
-def _recovery() -> tuple[str, ...]:
-    from rsdet_compress.search.evaluation import RECOVERY
-    return RECOVERY
-
-
-def _criteria() -> list[str]:
-    from rsdet_compress.compress.importance import CRITERIA
-    return list(CRITERIA)
-
-
 def add_search(p: argparse.ArgumentParser) -> None:
     from rsdet_compress.search.runner import SearchConfig
     add_config_args(p, SearchConfig,
-                    choices={"agent": _agents, "reward": _rewards, "metric": _metrics, "criterion": _criteria,
-                             "recover": _recovery},
+                    choices={"agent": choices.agents, "reward": choices.rewards, "metric": choices.metrics,
+                             "criterion": choices.criteria, "recover": choices.recovery},
                     extra={"budget": {"action": "append", "type": None, "metavar": "NAME=FRACTION", "help": ChoicesHelp(
                         "NAME=FRACTION of the float model, NAME one of %(choices)s (repeatable), e.g. "
-                        "--budget size=0.125 --budget bops=0.02", _budget_metrics)}})
+                        "--budget size=0.125 --budget bops=0.02", choices.budget_metrics)}})
     p.add_argument("--resume", metavar="RUN_ID", help="continue a killed search (same parent MLflow run)")
     p.add_argument("--out", help="also write the best policy here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
