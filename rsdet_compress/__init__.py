@@ -12,6 +12,11 @@ import os
 # package's __init__ before any of its submodules, so setting it here once covers every entry point
 # (CLI, library use, tests) before ultralytics is first imported; a value the user set is kept.
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# ultralytics' import writes OMP_NUM_THREADS=1 when it is unset (one thread per data-loader worker), and
+# every process started after it (a resumed search, a Ray worker) would then run torch on one thread.
+# Setting it first to OpenMP's own default (the CPUs this process may use) keeps torch's choice.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
 
 __version__ = "0.1.0"
 

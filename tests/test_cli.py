@@ -85,6 +85,17 @@ def test_console_script_models(tmp_path):
     assert {"skynet", "yolov8n", "yolo11n"} <= set(r.stdout.split())
 
 
+def test_importing_the_package_keeps_torch_threads_for_child_processes():
+    """ultralytics' import writes OMP_NUM_THREADS=1; processes started after it must not inherit one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = ("import os, torch; default = torch.get_num_threads(); import rsdet_compress.engine.trainer; "
+            "print(default, os.environ['OMP_NUM_THREADS'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    default, inherited = r.stdout.split()
+    assert inherited == default  # what a child would use: torch's own default here, not ultralytics' 1
+
+
 def test_console_script_error_is_one_line(tmp_path):
     missing = tmp_path / "missing.pt"
     r = _script("evaluate", "--weights", str(missing), "--data", str(tmp_path / "data.yaml"), "--no-track",
