@@ -32,6 +32,12 @@ def kit_dir(data_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kit_names(kit_dir: Path) -> list[str]:
+    """The five KIT class names, in label order."""
+    return [ln.strip() for ln in (kit_dir / "classes.txt").read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="session")
 def tiny_data(kit_dir: Path, tmp_path_factory) -> Path:
     """Real KIT aerial cars, cut into 256 px chips: a small prepared data set (data.yaml path)."""
     from rsdet_compress.data.prepare import PrepareConfig, prepare

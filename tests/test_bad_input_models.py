@@ -38,11 +38,6 @@ def partials(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def kit_names(kit_dir: Path) -> list[str]:
-    return [ln.strip() for ln in (kit_dir / "classes.txt").read_text().splitlines() if ln.strip()]
-
-
-@pytest.fixture(scope="module")
 def data(kit_dir: Path, tmp_path_factory) -> Path:
     """Four real KIT images (1764 x 430) at 1/4 scale in 256 px chips: a data.yaml with 5 classes."""
     from rsdet_compress.data.prepare import PrepareConfig, prepare

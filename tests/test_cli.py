@@ -36,11 +36,6 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def kit_names(kit_dir: Path) -> list[str]:
-    return [ln.strip() for ln in (kit_dir / "classes.txt").read_text().splitlines() if ln.strip()]
-
-
-@pytest.fixture(scope="module")
 def kit4_src(kit_dir: Path, tmp_path_factory) -> Path:
     return copy_kit(kit_dir, tmp_path_factory.mktemp("raw") / "kit4")
 
