@@ -84,12 +84,12 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
     """
     tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
     path = WORK / (f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}"
-                   f"-r{args.recover_iters}-s{args.seed}.json")
+                   f"-r{args.recover_iters}-s{args.seed}{gpu_suffix(args)}.json")
     if not path.is_file():
         cfg = SearchConfig(weights=str(weights), data=str(data), agent=agent, episodes=args.episodes,
                            budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
                            recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
-                           seed=args.seed, experiment="rsdet-compress-bench")
+                           seed=args.seed, device=args.device, experiment="rsdet-compress-bench")
         result = search(cfg)
         if result.best_policy is None:
             raise SystemExit(f"error: the {agent} search found no policy within {budget}")
@@ -100,6 +100,11 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
                                  for r in result.candidates if r["metrics"].get("meets_budget")]}
         write_text(path, json.dumps(record, indent=1, default=str))  # default: numpy scalars in the metrics
     return json.loads(path.read_text())
+
+
+def gpu_suffix(args) -> str:
+    """``-gpu`` for work folders made on a GPU: their stage minutes are not this CPU's."""
+    return "" if args.device == "cpu" else "-gpu"
 
 
 def add_search_args(ap: argparse.ArgumentParser) -> None:
@@ -120,6 +125,9 @@ def add_stage_args(ap: argparse.ArgumentParser, iters: int) -> None:
     ap.add_argument("--recover-minutes", type=float, default=None,
                     help="recover: wall-clock cap (--budget-minutes), spread over the layers")
     ap.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after recovery (0: none)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or 0 for the first GPU: searches, recover, QAT and scoring run there (compress on "
+                         "CPU); stage outputs then go to <name>-gpu folders, so their minutes are never mixed")
 
 
 def _coco(dataset: dict) -> COCO:
@@ -167,7 +175,7 @@ def timed(path: Path, make) -> float:
 
 def score(path: Path, evaluator: Evaluator) -> tuple[dict, np.ndarray]:
     model, _ = load_model(path)
-    dets, _ = evaluator.predict(model)
+    dets, _ = evaluator.predict(model.to(evaluator.device))
     m = coco_metrics(evaluator.evalset.coco, dets, MAX_DET, evaluator.evalset.image_ids)
     return m, dets
 
@@ -207,7 +215,7 @@ def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args,
         rec = work / f"recovered-i{args.images}-s{args.iters}{cap}{'-ls' if ls else ''}.pt"
         cfg = RecoverConfig(weights=str(comp), data=str(data), images=args.images, iters=args.iters, out=str(rec),
                             least_squares=ls, budget_minutes=args.recover_minutes, val=False,
-                            experiment="rsdet-compress-bench")
+                            device=args.device, experiment="rsdet-compress-bench")
         steps = f"{args.iters} steps" + (f", {args.recover_minutes:g} min cap" if args.recover_minutes else "")
         stages.append((f"+ recover ({'LS + ' if ls else ''}{steps})", rec,
                        timed(rec, lambda cfg=cfg: recover(cfg))))
@@ -216,7 +224,7 @@ def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args,
         ft_dir = work / f"{rec.stem}-qat{args.qat_epochs}-{recipe.stem}"
         minutes = timed(ft_dir, lambda: finetune(load_config(
             recipe, FinetuneConfig, weights=str(rec), data=str(data), epochs=args.qat_epochs, val=False,
-            out=str(ft_dir), experiment="rsdet-compress-bench")))
+            out=str(ft_dir), device=args.device, experiment="rsdet-compress-bench")))
         stages.append((f"+ recover + QAT {args.qat_epochs} ep", ft_dir / "weights" / "last.pt", minutes))
     return stages
 
@@ -242,7 +250,7 @@ def main() -> None:
     cfg = load_data_config(data)
     ws = Workspace.from_weights(weights)
     evalset = EvalSet.from_coco(cfg.split_coco(args.split), cfg.split_images(args.split), int(ws.view.imgsz))
-    evaluator = Evaluator(evalset, max_det=MAX_DET)
+    evaluator = Evaluator(evalset, max_det=MAX_DET, device=args.device)
     float_cost = estimate(ws.view)
     ref, ref_dets = score(weights, evaluator)
     ones = {"size": 1.0, "flops": 1.0, "bops": 1.0}
@@ -258,7 +266,7 @@ def main() -> None:
             spec, policy = uniform_at_budget(ws, bits, budget)
             policies.append((f"uniform {spec} @ {args.budget}", policy))
     for name, policy in policies:
-        work = WORK / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{weights.parent.parent.name}-{name}")
+        work = WORK / (re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{weights.parent.parent.name}-{name}") + gpu_suffix(args))
         work.mkdir(parents=True, exist_ok=True)
         ratios = {k: v for k, v in estimate(ws.view, ws.resolve(policy)).ratios(float_cost).items()
                   if k in ("size", "flops", "bops")}
@@ -271,7 +279,8 @@ def main() -> None:
             print(f"{name:24} {stage:28} mAP50 {m['map50']:.4f}  ({m['map50'] - ref['map50']:+.4f})", flush=True)
     header = (f"# Recovery: {weights} on the {args.split} split of {data} ({len(evalset)} images)\n\n"
               f"`python benchmarks/recovery_compare.py {' '.join(sys.argv[1:])}`  \n"
-              f"Stage minutes: wall time of the run that made the stage, on this machine.")
+              f"Stage minutes: wall time of the run that made the stage, on this machine"
+              f"{'' if args.device == 'cpu' else f' (device {args.device}; compress on CPU)'}.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.md").write_text(markdown(rows, header))
     (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=2))

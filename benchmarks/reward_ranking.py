@@ -54,8 +54,8 @@ def rewards(ws: Workspace, data: Path, policies: list[Policy], search_cfg: dict)
                                       search_cfg["reward_images"], search_cfg["seed"])
     out = {}
     for form in RECOVERY:
-        ev = CandidateEvaluator(ws, calib, reward_set, recovery=fast_recovery(search_cfg["recover_iters"])
-                                if form == "fast" else None)
+        ev = CandidateEvaluator(ws, calib, reward_set, device=search_cfg["device"],
+                                recovery=fast_recovery(search_cfg["recover_iters"]) if form == "fast" else None)
         out[form] = [ev(p) for p in policies]
     return out
 
@@ -101,10 +101,10 @@ def main() -> None:
     forms = rewards(ws, data, policies, found["config"])
     cfg = load_data_config(data)
     evaluator = Evaluator(EvalSet.from_coco(cfg.split_coco(args.split), cfg.split_images(args.split),
-                                            int(ws.view.imgsz)), max_det=300)
+                                            int(ws.view.imgsz)), max_det=300, device=args.device)
     rows = []
     for i, (c, policy) in enumerate(zip(chosen, policies, strict=True)):
-        work = WORK / f"{found['name']}-ep{c['episode']}"  # the search's budget and settings are in its name
+        work = WORK / f"{found['name']}-ep{c['episode']}"  # the search's budget, settings and device are in its name
         work.mkdir(parents=True, exist_ok=True)
         stages = make_stages(policy, weights, data, work, args)
         path, minutes = stages[-1][1], sum(m for _, _, m in stages)
