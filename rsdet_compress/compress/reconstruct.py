@@ -261,7 +261,8 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
     Returns one row per unit: ``layer``, ``error_before`` / ``error_after`` (relative squared
     error of its output against the float target, on its own inputs), ``steps``,
     ``ranges_shrunk``, ``seconds``. ``budget_seconds`` spreads a wall-clock budget evenly over
-    the units still to fit. ``progress`` is called with each row.
+    the units still to fit (those with parameters: an upsample or concat takes no share).
+    ``progress`` is called with each row.
     """
     n = len(images)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -271,8 +272,9 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
     start = time.monotonic()
     modes = {m: m.training for u in units for m in (u.float, u.compressed)}
     rows: list[dict] = []
+    trainable = [any(p.requires_grad for p in u.compressed.parameters()) for u in units]
     try:
-        for u in units:
+        for pos, u in enumerate(units):
             u.float.eval()
             u.compressed.eval()
             t0 = time.monotonic()
@@ -293,7 +295,7 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
                 shrunk = _fit_ranges(u, cstore.data, probe, cfg.range_factors)
                 deadline = None
                 if budget_seconds is not None:
-                    left = len(units) - u.index
+                    left = sum(trainable[pos:])
                     deadline = t0 + max(0.0, budget_seconds - (t0 - start)) / max(left, 1)
                 steps = _fit_weights(u, units, cstore.data, fstore.data, target, n, cfg, gen, deadline)
             after = _unit_error(u, cstore.data, target, probe) if fit else before
