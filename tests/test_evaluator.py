@@ -16,7 +16,13 @@ import torch
 
 from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.data.letterbox import letterbox
-from rsdet_compress.engine.evaluator import Evaluator, coco_metrics, torch_device
+from rsdet_compress.engine.evaluator import (
+    Evaluator,
+    coco_evaluated,
+    coco_metrics,
+    resampled_metrics,
+    torch_device,
+)
 from rsdet_compress.errors import UserError
 
 H, W = 96, 128
@@ -117,6 +123,20 @@ def test_wrong_class_false_positive(evalset: EvalSet) -> None:
     assert high["per_class"]["car"]["ap50"] == pytest.approx(0.75)
     assert high["per_class"]["plane"] == {"ap50": 1.0, "ap50_95": 1.0}
     assert high["map50"] == pytest.approx(0.875)
+
+
+def test_resampled_metrics_count_repeated_images_again_without_rematching(evalset: EvalSet) -> None:
+    # The same detections as above (a 0.95 "car" on image 1's plane), resampled as a bootstrap does.
+    dets = np.array(perfect() + [[1, 10, 10, 40, 30, 0.95, 2]])
+    ev = coco_evaluated(evalset.coco, dets)
+    assert resampled_metrics(ev, [1, 2, 3], 100) == {k: v for k, v in coco_metrics(evalset.coco, dets).items()
+                                                      if k != "num_detections"}
+    assert resampled_metrics(ev, [2, 3], 100)["map50"] == 1.0  # image 1 and its false car left out
+    # image 1 twice: cars ranked fp, fp, then 4 real ones -> precision 4/6 at every recall; plane AP 1
+    twice = resampled_metrics(ev, [1, 1, 2, 3], 100)
+    assert twice["per_class"]["car"]["ap50"] == pytest.approx(4 / 6, abs=1e-6)
+    assert twice["map50"] == pytest.approx((1 + 4 / 6) / 2, abs=1e-6)
+    assert resampled_metrics(ev, [1, 2, 3], 100)["map50"] == pytest.approx(0.875)  # the resamples left no trace
 
 
 def test_max_dets_keeps_the_best_scores(evalset: EvalSet) -> None:

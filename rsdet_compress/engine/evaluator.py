@@ -70,6 +70,16 @@ def coco_metrics(coco_gt: COCO, detections: np.ndarray, max_dets: int = 100,
         ``{name: {"ap50", "ap50_95"}}`` (None for a class without ground truth) and
         ``num_detections``.
     """
+    ev = coco_evaluated(coco_gt, detections, max_dets, image_ids)
+    return {**_summary(ev, ev.params.imgIds, int(max_dets)), "num_detections": len(ev.cocoDt.anns)}
+
+
+def coco_evaluated(coco_gt: COCO, detections: np.ndarray, max_dets: int = 100,
+                   image_ids: Sequence[int] | None = None) -> COCOeval:
+    """``detections`` matched to ``coco_gt`` image by image (``COCOeval.evaluate``), not yet accumulated:
+    what :func:`coco_metrics` reads its metrics from and :func:`resampled_metrics` resamples. Same
+    arguments and checks as :func:`coco_metrics`.
+    """
     if max_dets < 1:
         raise ValueError(f"max_dets must be >= 1, got {max_dets}")
     dets = np.asarray(detections, dtype=np.float64)
@@ -86,18 +96,35 @@ def coco_metrics(coco_gt: COCO, detections: np.ndarray, max_dets: int = 100,
     ev.params.imgIds = sorted(known) if image_ids is None else [int(i) for i in image_ids]
     # COCOeval sorts maxDets and evaluates at the largest, so find ours after sorting.
     ev.params.maxDets = sorted({1, 10, int(max_dets)})
-    md = ev.params.maxDets.index(int(max_dets))
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
-        ev.accumulate()
+    return ev
 
+
+def _summary(ev: COCOeval, image_ids: Sequence[int], max_dets: int) -> dict[str, Any]:
+    """Accumulate ``ev`` (already evaluated) over ``image_ids`` and read the metrics off it."""
+    pos = {i: n for n, i in enumerate(ev._paramsEval.imgIds)}
+    per_image = ev.__dict__.setdefault("_per_image", ev.evalImgs)  # the matching evaluate() did, kept
+    n_img, n_area = len(pos), len(ev._paramsEval.areaRng)
+    order = [pos[int(i)] for i in image_ids]
+    ev.evalImgs = [per_image[(k * n_area + a) * n_img + i] for k in range(len(ev._paramsEval.catIds))
+                   for a in range(n_area) for i in order]
+    saved = ev.params.imgIds, ev._paramsEval.imgIds
+    ev.params.imgIds = ev._paramsEval.imgIds = list(range(len(order)))  # a repeated image counts again
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.accumulate()
+    finally:
+        ev.params.imgIds, ev._paramsEval.imgIds = saved
+        ev.evalImgs = per_image
+    md = ev.params.maxDets.index(max_dets)
     precision = ev.eval["precision"]  # [T iou, R recall, K class, A area, M maxDets]
     t50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
     area = {lbl: ev.params.areaRngLbl.index(lbl) for lbl in _AREAS}
     all_ = precision[:, :, :, area["all"], md]
     per_class: dict[str, dict[str, float | None]] = {}
     for k, cat_id in enumerate(ev.params.catIds):
-        per_class[str(coco_gt.cats[cat_id]["name"])] = {
+        per_class[str(ev.cocoGt.cats[cat_id]["name"])] = {
             "ap50": _mean_valid(all_[t50, :, k]),
             "ap50_95": _mean_valid(all_[:, :, k]),
         }
@@ -108,8 +135,14 @@ def coco_metrics(coco_gt: COCO, detections: np.ndarray, max_dets: int = 100,
         "ap_medium": _mean_valid(precision[:, :, :, area["medium"], md]),
         "ap_large": _mean_valid(precision[:, :, :, area["large"], md]),
         "per_class": per_class,
-        "num_detections": int(dets.shape[0]),
     }
+
+
+def resampled_metrics(evaluated: COCOeval, image_ids: Sequence[int], max_dets: int) -> dict[str, Any]:
+    """:func:`coco_metrics` of an evaluated set over ``image_ids``, repeats allowed (a bootstrap resample),
+    without matching again: COCO matches each image on its own, so a resample only re-accumulates.
+    """
+    return _summary(evaluated, image_ids, max_dets)
 
 
 def _input_dtype(model: torch.nn.Module) -> torch.dtype:
