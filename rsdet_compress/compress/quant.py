@@ -43,6 +43,13 @@ def _check_bits(bits: int, what: str) -> int:
     return bits
 
 
+def _qmax(bits: Tensor, w: Tensor) -> Tensor:
+    """Largest code of each output channel, 2^(b-1) - 1 (2 bits -> 1, 8 -> 127), shaped to broadcast over
+    ``w`` (dim 0 = channels). Float channels get a finite stand-in: their result is discarded."""
+    b = bits.to(w.device).clamp(max=MAX_INT_BITS).to(w.dtype)
+    return (torch.pow(2.0, b - 1) - 1).view((-1,) + (1,) * (w.dim() - 1))
+
+
 def _weight_qparams(w: Tensor, bits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Integer codes (as floats), per-channel scales and the float-channel mask for ``w``.
 
@@ -60,8 +67,7 @@ def _weight_qparams(w: Tensor, bits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if bool(((bits < 2) | ((bits > MAX_INT_BITS) & ~is_float)).any()):
         raise ValueError(f"weight bits must be in 2..{MAX_INT_BITS} or >= {FLOAT_BITS}, got {bits.tolist()}")
     view = (-1,) + (1,) * (w.dim() - 1)
-    b = bits.clamp(max=MAX_INT_BITS).to(w.dtype)  # float channels: any finite width, result discarded
-    qmax = (torch.pow(2.0, b - 1) - 1).view(view)  # 2 bits -> 1, 8 bits -> 127
+    qmax = _qmax(bits, w)
     wd = w.detach()
     scale = wd.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / qmax
     scale = torch.where(is_float.view(view), torch.zeros_like(scale), scale)
@@ -97,7 +103,7 @@ def lsq_fake_quant_weight(w: Tensor, bits: Tensor, step: Tensor) -> Tensor:
     """
     view = (-1,) + (1,) * (w.dim() - 1)
     is_float = (bits.to(w.device) >= FLOAT_BITS).view(view)
-    qmax = (torch.pow(2.0, bits.to(w.device).clamp(max=MAX_INT_BITS).to(w.dtype) - 1) - 1).view(view)
+    qmax = _qmax(bits, w)
     top = w.detach().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
     grad_scale = (w[0].numel() * qmax).rsqrt()
     s = step.view(view)
@@ -290,7 +296,7 @@ def clip_weight_ranges(conv: QConv2d, factors: Sequence[float]) -> int:
     w = conv.weight.detach().flatten(1)
     bits = conv.w_bits.to(w.device)
     quantized = bits < FLOAT_BITS
-    qmax = (torch.pow(2.0, bits.clamp(max=MAX_INT_BITS).to(w.dtype) - 1) - 1).unsqueeze(1)
+    qmax = _qmax(bits, w)
     top = w.abs().amax(1, keepdim=True)
     best = torch.ones_like(top)
     best_err = torch.full_like(top, float("inf"))

@@ -71,7 +71,7 @@ def coco_metrics(coco_gt: COCO, detections: np.ndarray, max_dets: int = 100,
         ``num_detections``.
     """
     ev = coco_evaluated(coco_gt, detections, max_dets, image_ids)
-    return {**_summary(ev, ev.params.imgIds, int(max_dets)), "num_detections": len(ev.cocoDt.anns)}
+    return {**resampled_metrics(ev, ev.params.imgIds, int(max_dets)), "num_detections": len(ev.cocoDt.anns)}
 
 
 def coco_evaluated(coco_gt: COCO, detections: np.ndarray, max_dets: int = 100,
@@ -101,10 +101,13 @@ def coco_evaluated(coco_gt: COCO, detections: np.ndarray, max_dets: int = 100,
     return ev
 
 
-def _summary(ev: COCOeval, image_ids: Sequence[int], max_dets: int) -> dict[str, Any]:
-    """Accumulate ``ev`` (already evaluated) over ``image_ids`` and read the metrics off it."""
+def resampled_metrics(ev: COCOeval, image_ids: Sequence[int], max_dets: int) -> dict[str, Any]:
+    """:func:`coco_metrics` of an evaluated set (:func:`coco_evaluated`) over ``image_ids``, repeats allowed
+    (a bootstrap resample), without matching again: COCO matches each image on its own, so a resample
+    only re-accumulates. ``ev`` is left as it was.
+    """
     pos = {i: n for n, i in enumerate(ev._paramsEval.imgIds)}
-    per_image = ev.__dict__.setdefault("_per_image", ev.evalImgs)  # the matching evaluate() did, kept
+    per_image = ev.evalImgs  # the per-image matching evaluate() did; restored below
     n_img, n_area = len(pos), len(ev._paramsEval.areaRng)
     order = [pos[int(i)] for i in image_ids]
     ev.evalImgs = [per_image[(k * n_area + a) * n_img + i] for k in range(len(ev._paramsEval.catIds))
@@ -136,13 +139,6 @@ def _summary(ev: COCOeval, image_ids: Sequence[int], max_dets: int) -> dict[str,
         "ap_large": _mean_valid(precision[:, :, :, area["large"], md]),
         "per_class": per_class,
     }
-
-
-def resampled_metrics(evaluated: COCOeval, image_ids: Sequence[int], max_dets: int) -> dict[str, Any]:
-    """:func:`coco_metrics` of an evaluated set over ``image_ids``, repeats allowed (a bootstrap resample),
-    without matching again: COCO matches each image on its own, so a resample only re-accumulates.
-    """
-    return _summary(evaluated, image_ids, max_dets)
 
 
 def _input_dtype(model: torch.nn.Module) -> torch.dtype:
