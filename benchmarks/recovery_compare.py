@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.compressor import Workspace, compress
@@ -38,7 +38,7 @@ from rsdet_compress.compress.policy import Policy
 from rsdet_compress.config import load_config
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.data.evalset import EvalSet
-from rsdet_compress.engine.evaluator import Evaluator, coco_evaluated, coco_metrics, resampled_metrics
+from rsdet_compress.engine.evaluator import Evaluator, coco_evaluated, resampled_metrics
 from rsdet_compress.engine.finetune import FinetuneConfig, finetune
 from rsdet_compress.engine.recovery import RecoverConfig, recover
 from rsdet_compress.runtime.loader import load_model
@@ -128,15 +128,14 @@ def add_stage_args(ap: argparse.ArgumentParser, iters: int) -> None:
                          "CPU); stage outputs then go to <name>-gpu folders, so their minutes are never mixed")
 
 
-def paired_bootstrap(gt: COCO, image_ids: list[int], dets_ref: np.ndarray, dets: np.ndarray, n: int = 200,
+def paired_bootstrap(ref: COCOeval, got: COCOeval, image_ids: list[int], n: int = 200,
                      seed: int = 0) -> tuple[float, float]:
-    """95% interval of mAP50(dets) - mAP50(dets_ref), resampling test images with replacement (paired).
+    """95% interval of mAP50(got) - mAP50(ref), resampling test images with replacement (paired).
 
-    Each side is matched once; a resample only re-accumulates (``resampled_metrics``), so 200
-    resamples cost seconds, not the ~20 minutes of re-running COCOeval on every one.
+    Both sides come matched (``score``); a resample only re-accumulates (``resampled_metrics``),
+    so 200 resamples cost seconds, not the ~20 minutes of re-running COCOeval on every one.
     """
     rng = np.random.default_rng(seed)
-    ref, got = (coco_evaluated(gt, d, MAX_DET, image_ids) for d in (dets_ref, dets))
     diffs = []
     for _ in range(n):
         sample = rng.choice(image_ids, size=len(image_ids), replace=True)
@@ -155,11 +154,12 @@ def timed(path: Path, make) -> float:
     return float(record.read_text())
 
 
-def score(path: Path, evaluator: Evaluator) -> tuple[dict, np.ndarray]:
+def score(path: Path, evaluator: Evaluator) -> tuple[dict, COCOeval]:
+    """Test metrics of a checkpoint, and its matched COCOeval for ``paired_bootstrap``."""
     model, _ = load_model(path)
     dets, _ = evaluator.predict(model.to(evaluator.device))
-    m = coco_metrics(evaluator.evalset.coco, dets, MAX_DET, evaluator.evalset.image_ids)
-    return m, dets
+    ev = coco_evaluated(evaluator.evalset.coco, dets, MAX_DET, evaluator.evalset.image_ids)
+    return resampled_metrics(ev, evaluator.evalset.image_ids, MAX_DET), ev
 
 
 def row(name: str, stage: str, m: dict, minutes: float | None, ratios: dict, ci: tuple | None, ref: dict) -> dict:
@@ -234,7 +234,7 @@ def main() -> None:
     evalset = EvalSet.from_coco(cfg.split_coco(args.split), cfg.split_images(args.split), int(ws.view.imgsz))
     evaluator = Evaluator(evalset, max_det=MAX_DET, device=args.device)
     float_cost = estimate(ws.view)
-    ref, ref_dets = score(weights, evaluator)
+    ref, ref_ev = score(weights, evaluator)
     ones = {"size": 1.0, "flops": 1.0, "bops": 1.0}
     rows = [row("fp32", "-", ref, None, ones, None, ref)]
     policies = [(n, Policy.load(p)) for n, p in (s.split("=", 1) for s in args.policy)]
@@ -254,8 +254,8 @@ def main() -> None:
                   if k in ("size", "flops", "bops")}
         stages = make_stages(policy, weights, data, work, args, args.ablate_least_squares)
         for stage, path, minutes in stages:
-            m, dets = score(path, evaluator)
-            ci = paired_bootstrap(evalset.coco, evalset.image_ids, ref_dets, dets, args.bootstrap) \
+            m, ev = score(path, evaluator)
+            ci = paired_bootstrap(ref_ev, ev, evalset.image_ids, args.bootstrap) \
                 if args.bootstrap else None
             rows.append(row(name, stage, m, minutes, ratios, ci, ref))
             print(f"{name:24} {stage:28} mAP50 {m['map50']:.4f}  ({m['map50'] - ref['map50']:+.4f})", flush=True)
