@@ -26,6 +26,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from rsdet_compress.engine.recovery import RecoverConfig, recover
 from rsdet_compress.runtime.loader import load_model
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.runner import SearchConfig, search
+from rsdet_compress.search.statefile import load_state
 from rsdet_compress.settings import runs_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +76,20 @@ def uniform_at_budget(ws: Workspace, bits: str, budget: Budget) -> tuple[str, Po
     raise SystemExit(f"error: --uniform-bits {bits}: no uniform pruning up to 90% meets {budget}")
 
 
+def interrupted_search(cfg: SearchConfig) -> str | None:
+    """Run id of the newest unfinished search with exactly ``cfg``'s settings (its checkpoint), if any.
+
+    A search of 24 fast-recovered candidates takes hours on 2 cores; one cut short by the end
+    of a session continues from its last candidate instead of starting over.
+    """
+    states = sorted((runs_root() / "search").glob("*/state.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for state_file in states:
+        state = load_state(state_file)
+        if state.get("config") == asdict(cfg) and state.get("next_episode", 0) < cfg.episodes:
+            return state_file.parent.name
+    return None
+
+
 def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -> dict:
     """One search at ``budget``: its best policy and in-budget candidates, kept in the work folder.
 
@@ -88,7 +104,10 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
                            budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
                            recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
                            seed=args.seed, device=args.device, experiment="rsdet-compress-bench")
-        result = search(cfg)
+        stopped = interrupted_search(cfg)
+        if stopped:
+            print(f"resuming search {stopped} (same settings, stopped before its last candidate)", flush=True)
+        result = search(resume=stopped) if stopped else search(cfg)
         if result.best_policy is None:
             raise SystemExit(f"error: the {agent} search found no policy within {budget}")
         record = {"name": path.stem, "run_id": result.run_id, "config": cfg.__dict__,

@@ -12,7 +12,8 @@ from rsdet_compress.cli import add_trust_weights
 from rsdet_compress.cli.options import add_config_args
 from rsdet_compress.errors import UserError
 
-HELP = "latency (median/p90) and throughput on PyTorch and onnxruntime, CPU and CUDA; the first model is the baseline"
+HELP = ("latency (median/p90) and throughput on PyTorch, onnxruntime and OpenVINO, CPU and CUDA; "
+        "the first model is the baseline")
 #: LatencyConfig fields whose flags are older than the field names
 RENAMED = {"batches": "batch", "devices": "device"}
 
@@ -23,6 +24,7 @@ def add_benchmark(p: argparse.ArgumentParser) -> None:
                    "(first = baseline)")
     p.add_argument("--onnx", nargs="+", default=[], help="ONNX files run on onnxruntime (first = the fp32 "
                    "reference for 'vs fp32 ONNX')")
+    p.add_argument("--openvino", nargs="+", default=[], help="OpenVINO IR files (.xml) run on OpenVINO's CPU plugin")
     add_config_args(p, LatencyConfig, rename=RENAMED)
     p.add_argument("--out", help="also write the rows as JSON here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -39,13 +41,19 @@ def run_benchmark(args: argparse.Namespace) -> None:
         format_rows,
         machine,
     )
+    from rsdet_compress.runtime.openvino import require_openvino
     from rsdet_compress.tracking.mlflow_tracker import Tracker
-    artifacts = [*args.weights, *args.onnx]
+    artifacts = [*args.weights, *args.onnx, *args.openvino]
     if not artifacts:
-        raise UserError("give at least one model: --weights FILE... and/or --onnx FILE...")
+        raise UserError("give at least one model: --weights FILE..., --onnx FILE... and/or --openvino FILE...")
     bad = [a for a in args.onnx if not a.lower().endswith(".onnx")]
     if bad:
         raise UserError(f"{bad[0]}: --onnx takes .onnx files")
+    bad = [a for a in args.openvino if not a.lower().endswith(".xml")]
+    if bad:
+        raise UserError(f"{bad[0]}: --openvino takes OpenVINO IR .xml files")
+    if args.openvino:
+        require_openvino()
     opts = {f: getattr(args, f) for f in LatencyConfig.__dataclass_fields__}
     if args.devices is not None:
         opts["devices"] = tuple(d.strip() for d in args.devices if d.strip())

@@ -31,7 +31,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
 
 def _row(r: dict) -> str:
     mb = r["bytes"] / 1e6
-    return (f"{r['format']:10} {Path(r['path']).name:28} {mb:8.2f} MB {r['ratio']:6.2f}x  "
+    return (f"{r['format']:13} {Path(r['path']).name:28} {mb:8.2f} MB {r['ratio']:6.2f}x  "
             f"mAP50 {r['map50']:.4f} (torch {r['torch_map50']:.4f}, {r['dmap50']:+.4f}, tol {r['tolerance']:g})  "
             f"mAP50-95 {r['map50_95']:.4f} ({r['dmap50_95']:+.4f})  ok")
 
@@ -43,6 +43,7 @@ def run_export(args: argparse.Namespace) -> None:
     from rsdet_compress.export.exporter import (
         FORMATS,
         ExportOptions,
+        check_format,
         default_out,
         export,
     )
@@ -51,9 +52,8 @@ def run_export(args: argparse.Namespace) -> None:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats:
         raise UserError(f"--format is empty; give one or more of {', '.join(FORMATS)}")
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise UserError(f"unknown export format {unknown[0]!r}; choose one of: {', '.join(FORMATS)}")
+    for fmt in formats:  # unknown, or its optional package missing: said before the first artifact is made
+        check_format(fmt)
     if len(set(formats)) != len(formats):
         raise UserError(f"--format lists a format twice: {args.format}")
     out = Path(args.out) if args.out else None
@@ -63,7 +63,7 @@ def run_export(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
     reports = []
     if not args.json:
-        print(f"{'format':10} {'file':28} {'size':>11} {'x fp32':>7}  mAP on {opts['split']}")
+        print(f"{'format':13} {'file':28} {'size':>11} {'x fp32':>7}  mAP on {opts['split']}")
     for fmt in formats:
         target = out / default_out(args.weights, fmt, opts["round8"]).name if out is not None and len(formats) > 1 \
             else out

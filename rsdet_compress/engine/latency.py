@@ -1,12 +1,14 @@
-"""Measured speed: latency and throughput of our artifacts on PyTorch and onnxruntime, CPU and CUDA.
+"""Measured speed: latency and throughput of our artifacts on PyTorch, onnxruntime and OpenVINO, CPU and CUDA.
 
 A row is one (artifact, backend, device, batch): warm-up runs first (allocator,
 oneDNN/ORT kernel selection and CUDA context are not part of a deployment's
 steady state), then ``runs`` timed forward passes of a fixed random batch,
 reported as median and p90 milliseconds and images per second at the median.
-The first artifact is the baseline: every other row gets its speed-up against
-the baseline's row on the same backend, device and batch, and against the
-baseline's fp32 ONNX on CPU (the issue's deployment target).
+The first artifact run on a backend is that backend's baseline: every row gets
+its speed-up against the baseline's row on the same backend, device and batch
+(fp32 on the same runtime, when the fp32 file comes first), and against the
+first ONNX file on onnxruntime (fp32 onnxruntime on CPU: the common deployment
+every other runtime is compared with).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from rsdet_compress.engine.scorer import check_imgsz
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.loader import OnnxDetector, load_model
+from rsdet_compress.runtime.openvino import OV_SUFFIX, OpenVinoDetector
 
 #: devices a benchmark can time on
 DEVICES = ("cpu", "cuda")
@@ -152,8 +155,24 @@ def _measure_onnx(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
     return rows
 
 
+def _measure_openvino(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
+    """CPU rows of an OpenVINO IR, each batch on the IR compiled for that static shape (as deployed)."""
+    if "cpu" not in cfg.devices:
+        return []
+    det = OpenVinoDetector(path, threads=cfg.threads)
+    imgsz = _imgsz(det.meta, cfg)
+    rows = []
+    for b in cfg.batches:
+        x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        t = time_fn(lambda det=det, x=x: det.run(x), cfg.runs, cfg.warmup)
+        size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+        rows.append(LatencyRow(str(path), "openvino", "cpu", b, imgsz, size_bytes=size,
+                               extra={"precision": det.meta.get("precision")}, **summarize(t, b)))
+    return rows
+
+
 def measure(path: str | Path, cfg: LatencyConfig | None = None) -> list[LatencyRow]:
-    """Rows for one artifact: ``.onnx`` on onnxruntime, anything else (checkpoint, packed) on PyTorch."""
+    """Rows for one artifact: ``.onnx`` on onnxruntime, ``.xml`` on OpenVINO, anything else on PyTorch."""
     cfg = cfg or LatencyConfig()
     path = Path(path)
     if not path.is_file():
@@ -165,21 +184,27 @@ def measure(path: str | Path, cfg: LatencyConfig | None = None) -> list[LatencyR
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _measure_onnx(path, cfg) if path.suffix.lower() == ".onnx" else _measure_torch(path, cfg)
+        suffix = path.suffix.lower()
+        if suffix == ".onnx":
+            return _measure_onnx(path, cfg)
+        return _measure_openvino(path, cfg) if suffix == OV_SUFFIX else _measure_torch(path, cfg)
     finally:
         torch.set_num_threads(threads)
 
 
 def benchmark(artifacts: list[str | Path], cfg: LatencyConfig | None = None) -> list[LatencyRow]:
-    """Measure every artifact; the first one is the baseline the speed-ups are taken against."""
+    """Measure every artifact; each backend's first artifact is the baseline its speed-ups are taken against."""
     if not artifacts:
         raise UserError("benchmark needs at least one model file")
     cfg = cfg or LatencyConfig()
     rows = [r for a in artifacts for r in measure(a, cfg)]
     first_onnx = next((str(Path(a)) for a in artifacts if str(a).lower().endswith(".onnx")), None)
     ref = {(r.artifact, r.backend, r.device, r.batch): r.median_ms for r in rows}
+    first = {}
     for r in rows:
-        base = ref.get((str(Path(artifacts[0])), r.backend, r.device, r.batch))
+        first.setdefault(r.backend, r.artifact)
+    for r in rows:
+        base = ref.get((first[r.backend], r.backend, r.device, r.batch))
         fp32 = ref.get((first_onnx, "onnxruntime", r.device, r.batch))
         r.speedup = base / r.median_ms if base else None
         r.speedup_vs_fp32_onnx = fp32 / r.median_ms if fp32 else None
@@ -192,6 +217,11 @@ def machine(threads: int | None = None) -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "threads": threads if threads is not None else torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
+    try:
+        import openvino
+        info["openvino"] = openvino.__version__
+    except ImportError:
+        pass
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -71,7 +71,7 @@ def evaluate(weights: str | Path, data: str | Path, split: str = "val", imgsz: i
     model.to(torch_device(device))
     metrics = Evaluator(evalset, conf=conf, iou=iou, batch=batch, device=device)(model)
     return {"weights": str(weights), "detector": meta.get("detector"), "split": split, "imgsz": imgsz,
-            **metrics, **({"params": None, "gflops": None} if meta.get("onnx") else  # torch cannot count a session
+            **metrics, **({"params": None, "gflops": None} if meta.get("runtime") else  # torch cannot count a session
                           {"params": count_params(model), "gflops": round(gflops(model, imgsz), 3)})}
 
 

@@ -4,8 +4,10 @@ Formats (:data:`FORMATS`): ``onnx`` (fp32 graph, physically pruned, a
 compressed model's activation quantizers as QDQ; see
 :mod:`rsdet_compress.export.onnx`), ``onnx-int8`` (the same graph statically
 quantized by onnxruntime: QDQ, int8 per-channel weights, uint8 activations
-calibrated on training chips) and ``packed`` (the bit-packed deploy file of a
-compressed checkpoint, :mod:`rsdet_compress.export.packed`).
+calibrated on training chips), ``openvino`` / ``openvino-int8`` (the same graph
+as an OpenVINO IR, fp32 or int8 by NNCF; :mod:`rsdet_compress.export.openvino`)
+and ``packed`` (the bit-packed deploy file of a compressed checkpoint,
+:mod:`rsdet_compress.export.packed`).
 
 Every artifact is reloaded with :func:`~rsdet_compress.runtime.loader.load_model`
 and scored with the same :class:`~rsdet_compress.engine.evaluator.Evaluator` on
@@ -47,13 +49,18 @@ from rsdet_compress.export.onnx import (
     export_module,
     quantize_int8,
 )
+from rsdet_compress.export.openvino import export_openvino, require_nncf
 from rsdet_compress.export.packed import fp32_bytes, save_packed
 from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.runtime.loader import load_model
+from rsdet_compress.runtime.openvino import bin_path, require_openvino
 
-FORMATS = ("onnx", "onnx-int8", "packed")
-#: default artifact name: the weights' stem + this suffix
-SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "packed": ".packed"}
+FORMATS = ("onnx", "onnx-int8", "openvino", "openvino-int8", "packed")
+#: default artifact name: the weights' stem + this suffix (an OpenVINO IR also gets the .bin beside its .xml)
+SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "openvino": ".xml", "openvino-int8": ".int8.xml",
+            "packed": ".packed"}
+#: formats that need calibration chips
+CALIBRATED = ("onnx-int8", "openvino-int8")
 #: fp32 ONNX: the same arithmetic as PyTorch up to float reassociation (BN folded into convs,
 #: onnxruntime's kernels); outputs differ by ~2e-4 px in boxes and ~1e-6 in scores. Measured
 #: dmAP50 = 0.0000 (mAP50-95 -0.0000) for yolov8n on airbus val; 0.002 leaves room for a
@@ -75,7 +82,10 @@ INT8_TOLERANCE = 0.02
 ONNX_QDQ_TOLERANCE = 0.01
 #: packed file: reloads bit-exactly (same fake-quantized model), so the mAP must be identical.
 PACKED_TOLERANCE = 1e-9
-TOLERANCES = {"onnx": ONNX_TOLERANCE, "onnx-int8": INT8_TOLERANCE, "packed": PACKED_TOLERANCE}
+#: OpenVINO: the same graphs as onnx / onnx-int8 on other kernels, the same tolerances (NNCF's ranges are
+#: its own calibration, a second rounding like onnxruntime's).
+TOLERANCES = {"onnx": ONNX_TOLERANCE, "onnx-int8": INT8_TOLERANCE, "openvino": ONNX_TOLERANCE,
+              "openvino-int8": INT8_TOLERANCE, "packed": PACKED_TOLERANCE}
 
 
 @dataclass
@@ -108,9 +118,14 @@ def default_out(weights: str | Path, fmt: str, round8: bool = False) -> Path:
     return weights.with_name(weights.stem + (".round8" if round8 else "") + SUFFIXES[fmt])
 
 
-def _check_format(fmt: str) -> str:
+def check_format(fmt: str) -> str:
+    """A known format whose optional packages are installed (checked before any work)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if fmt.startswith("openvino"):
+        require_openvino()
+    if fmt == "openvino-int8":
+        require_nncf()
     return fmt
 
 
@@ -198,6 +213,11 @@ def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, img
         finally:
             Path(tmp).unlink(missing_ok=True)
         return {"calib_images": len(calib)}
+    if fmt.startswith("openvino"):
+        batches = image_batches(calib, 8) if fmt == "openvino-int8" else None
+        export_openvino(model, meta, out, imgsz, batches, opset=opset, source=str(weights),
+                        full_range_weights=full_range_weights)
+        return {"calib_images": len(calib)} if batches is not None else {}
     r = save_packed(weights, out)
     return {k: v for k, v in r.items() if k not in ("path", "bytes", "fp32_bytes", "ratio")}
 
@@ -217,10 +237,10 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
     ``|dmap50| > tolerance`` (default: the format's, see :data:`TOLERANCES`, and
     :data:`ONNX_QDQ_TOLERANCE` for an fp32 ONNX with quantized activations).
     """
-    fmt = _check_format(format)
+    fmt = check_format(format)
     weights = Path(weights)
-    if weights.suffix.lower() == ".onnx":
-        raise UserError(f"{weights}: export starts from a PyTorch checkpoint (.pt), not an ONNX file")
+    if weights.suffix.lower() in (".onnx", ".xml"):
+        raise UserError(f"{weights}: export starts from a PyTorch checkpoint (.pt), not an exported model")
     if tolerance is not None and tolerance < 0:
         raise UserError(f"--tolerance must be >= 0, got {tolerance}")
     check_batch(batch)
@@ -236,7 +256,7 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give the artifact's file path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    calib = _calibration(data, imgsz, calib_images) if fmt == "onnx-int8" or round8 else None
+    calib = _calibration(data, imgsz, calib_images) if fmt in CALIBRATED or round8 else None
     evaluator = _evaluator(data, split, imgsz, batch)
     src, round_info = weights, None
     if round8:
@@ -248,7 +268,7 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
                                        if k not in ("detector", "num_classes", "names", "compressed")})
             round_info["weights"] = str(src)
     tol = float(tolerance) if tolerance is not None else TOLERANCES[fmt]
-    if tolerance is None and fmt == "onnx" and _quantizes_activations(model):
+    if tolerance is None and fmt in ("onnx", "openvino") and _quantizes_activations(model):
         tol = ONNX_QDQ_TOLERANCE
     stat = src.stat()
     key = (str(src.resolve()), stat.st_mtime_ns, str(data.resolve()), split, imgsz)
@@ -258,7 +278,8 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
     seconds = time.perf_counter() - t0
     artifact, _ = load_model(out)
     got = evaluator(artifact)
-    size, fp32 = out.stat().st_size, fp32_bytes(model)
+    files = [out, bin_path(out)] if fmt.startswith("openvino") else [out]
+    size, fp32 = sum(f.stat().st_size for f in files), fp32_bytes(model)
     d50, d5095 = got["map50"] - ref["map50"], got["map50_95"] - ref["map50_95"]
     report = {"format": fmt, "path": str(out), "weights": str(weights), "bytes": size, "fp32_bytes": fp32,
               "ratio": fp32 / size, "map50": got["map50"], "map50_95": got["map50_95"],
@@ -268,8 +289,9 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
               "images_per_second": got["images_per_second"], "torch_images_per_second": ref["images_per_second"],
               "round8": round_info, **extra}
     if not report["passed"]:
+        for f in files[::-1]:  # the entry point (.xml) last: never left pointing at a moved .bin
+            os.replace(f, f.with_name(f.name + ".failed"))
         failed = out.with_name(out.name + ".failed")
-        os.replace(out, failed)
         raise UserError(f"{out}: {fmt} mAP50 {got['map50']:.4f} is off from the PyTorch model's {ref['map50']:.4f} "
                         f"by {d50:+.4f}, beyond the tolerance {tol} (artifact moved to {failed.name})")
     return report

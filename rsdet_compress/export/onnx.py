@@ -240,7 +240,7 @@ def export_onnx(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET
 
 
 # ------------------------------------------------------------------ int8 (onnxruntime)
-def _post_conv_nodes(model: onnx.ModelProto) -> list[str]:
+def post_conv_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes after the detection head's last convs (DFL, box decoding, sigmoid, concat): kept in float.
 
     A node is "before" when some conv other than the DFL's fixed 1x1 conv consumes
@@ -301,7 +301,7 @@ def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable,
     -64..64 unless ``full_range_weights`` (see :data:`FULL_RANGE_WEIGHTS`); activations:
     uint8 with MinMax ranges calibrated on ``calib_batches`` (real training chips,
     float 0..1). The box decoding after the head convs stays float (see
-    :func:`_post_conv_nodes`); ``quantize_head_outputs=False`` also keeps the
+    :func:`post_conv_nodes`); ``quantize_head_outputs=False`` also keeps the
     head's last convs float. A compressed model's own activation QDQ (its policy's
     bit-widths and calibrated ranges) is kept and reused as the conv input's
     quantization; its weights, already on a <= 8-bit grid, are re-expressed as int8
@@ -316,7 +316,7 @@ def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable,
         raise UserError(f"{onnx_in}: not an rsdet-compress ONNX file")
     if meta.get("precision") != "fp32":
         raise UserError(f"{onnx_in}: already quantized ({meta.get('precision')}); give the fp32 ONNX file")
-    exclude = _post_conv_nodes(model)
+    exclude = post_conv_nodes(model)
     # a compressed model's own activation quantizers (Clip -> Q -> DQ) are kept as they are
     produced = {o: n for n in model.graph.node for o in n.output}
     exclude += [produced[n.input[0]].name for n in model.graph.node

@@ -1,4 +1,4 @@
-"""Run any of our artifacts like the PyTorch detector: checkpoints, ONNX (fp32 / int8) and packed files.
+"""Run any of our artifacts like the PyTorch detector: checkpoints, ONNX, OpenVINO IR and packed files.
 
 :class:`OnnxDetector` wraps an onnxruntime session in an ``nn.Module`` so the
 :class:`~rsdet_compress.engine.evaluator.Evaluator` and the predictor use it
@@ -16,6 +16,7 @@ from torch import nn
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.runtime.onnx_meta import META_KEY, read_meta
+from rsdet_compress.runtime.openvino import OV_SUFFIX, OpenVinoDetector
 from rsdet_compress.runtime.packed import MAGIC, load_packed
 
 ONNX_SUFFIX = ".onnx"
@@ -86,8 +87,9 @@ def _is_packed(path: Path) -> bool:
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Load any artifact -> (model in eval mode, metadata).
 
-    ``.onnx`` -> :class:`OnnxDetector` (only files we wrote: our metadata marker is
-    required); a packed deploy file (by its magic bytes) -> ``load_packed``;
+    ``.onnx`` -> :class:`OnnxDetector` and ``.xml`` -> :class:`OpenVinoDetector` (only
+    files we wrote: our metadata marker is required; ``meta["runtime"]`` names the
+    runtime); a packed deploy file (by its magic bytes) -> ``load_packed``;
     anything else -> ``load_detector`` (our checkpoints, float or compressed, and
     ultralytics ``.pt``).
     """
@@ -97,7 +99,11 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     if path.suffix.lower() == ONNX_SUFFIX:
         model = OnnxDetector(path)
         meta = {k: v for k, v in model.meta.items() if k not in ("format", "version")}
-        return model.eval(), {**meta, "onnx": True}
+        return model.eval(), {**meta, "onnx": True, "runtime": "onnxruntime"}
+    if path.suffix.lower() == OV_SUFFIX:
+        model = OpenVinoDetector(path)
+        meta = {k: v for k, v in model.meta.items() if k not in ("format", "version")}
+        return model.eval(), {**meta, "runtime": "openvino"}
     if _is_packed(path):
         return load_packed(path)
     return load_detector(path)

@@ -1,0 +1,188 @@
+"""Runtime benchmark: our compressed detector against what a user gets without us, on both CPU runtimes.
+
+    python benchmarks/runtime_compare.py --weights runs/baselines/yolov8n/weights/best.pt \
+        --data runs/data/airbus/data.yaml --split test \
+        --compressed "uniform w4a8p30=$RSDET_RUNS/bench/recovery/<name>/recovered-...-qat3-.../weights/last.pt" \
+        --out runtime_airbus_yolov8n
+
+Rows, all measured in one run (latency is only comparable within one run on an idle machine;
+the load average at the start is written into the table):
+
+* fp32 on onnxruntime and on OpenVINO (``export --format onnx`` / ``openvino``);
+* the peers, int8 with each runtime's own defaults on the uncompressed model:
+  onnxruntime ``quantize_static`` with its defaults (QDQ, per-tensor, int8 activations,
+  MinMax) and NNCF for OpenVINO as ultralytics' ``export(format="openvino", int8=True)``
+  runs it (``mixed`` preset, box decoding left float, NNCF's default overflow fix);
+* each ``--compressed`` checkpoint exported as ``onnx-int8``, ``openvino`` (our calibrated
+  activation ranges as FakeQuantize) and ``openvino-int8`` (NNCF's ranges).
+
+Columns: mAP50 and AP50 per class on ``--split``, file MB, median and p90 ms at each batch,
+speed-up against fp32 onnxruntime and against fp32 on the same runtime. Artifacts are kept
+under $RSDET_RUNS/bench/runtime/<weights stem>/ and reused; latency is measured afresh.
+Writes benchmarks/results/<--out>.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import onnx
+
+from rsdet_compress.atomic import write_text
+from rsdet_compress.compress.calibration import calibration_set, image_batches
+from rsdet_compress.engine.latency import LatencyConfig, benchmark, machine
+from rsdet_compress.engine.scorer import evaluate
+from rsdet_compress.export.exporter import export
+from rsdet_compress.export.onnx import INPUT_NAME, post_conv_nodes
+from rsdet_compress.export.openvino import require_nncf, save_ir
+from rsdet_compress.runtime.onnx_meta import META_KEY, read_meta
+from rsdet_compress.runtime.openvino import require_openvino
+from rsdet_compress.settings import runs_root
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+WORK = runs_root() / "bench" / "runtime"
+
+
+def _with_meta(proto: onnx.ModelProto, meta: dict) -> None:
+    for p in list(proto.metadata_props):
+        if p.key == META_KEY:
+            proto.metadata_props.remove(p)
+    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
+
+
+def ort_default_int8(fp32_onnx: Path, out: Path, calib) -> Path:
+    """onnxruntime's ``quantize_static`` with every default: what a user runs after reading its docs."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = (b.numpy() for b in image_batches(calib, 1))
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {INPUT_NAME: x}
+
+    if not out.is_file():
+        quantize_static(str(fp32_onnx), str(out), Reader())
+        proto = onnx.load(str(out))
+        _with_meta(proto, {**read_meta(onnx.load(str(fp32_onnx))), "precision": "int8 (onnxruntime defaults)"})
+        onnx.save(proto, str(out))
+    return out
+
+
+def nncf_default_int8(fp32_onnx: Path, out: Path, calib) -> Path:
+    """NNCF PTQ for OpenVINO as ultralytics' ``export(format="openvino", int8=True)`` calls it."""
+    ov, nncf = require_openvino(), require_nncf()
+    if not out.is_file():
+        model = ov.convert_model(str(fp32_onnx))
+        scope = [re.escape(n) + "(/.*)?$" for n in post_conv_nodes(onnx.load(str(fp32_onnx)))]
+        images = [b.numpy() for b in image_batches(calib, 1)]
+        model = nncf.quantize(model, nncf.Dataset(images), preset=nncf.QuantizationPreset.MIXED,
+                              subset_size=len(images), ignored_scope=nncf.IgnoredScope(patterns=scope, validate=False))
+        meta = {**read_meta(onnx.load(str(fp32_onnx))), "precision": "int8 (NNCF defaults)", "runtime": "openvino"}
+        model.set_rt_info(json.dumps(meta), [META_KEY])
+        save_ir(model, out)
+    return out
+
+
+def artifacts(args) -> list[tuple[str, str, Path]]:
+    """(row name, runtime, file) of every row, fp32 files first (each runtime's speed-up reference)."""
+    weights, data = Path(args.weights), Path(args.data)
+    work = WORK / weights.parent.parent.name / weights.stem
+    work.mkdir(parents=True, exist_ok=True)
+
+    def made(src: Path, fmt: str, name: str) -> Path:
+        out = work / name
+        if not out.is_file():
+            export(src, fmt, out=out, data=data, split="val", calib_images=args.calib_images)
+        return out
+    fp32_onnx = made(weights, "onnx", "fp32.onnx")
+    fp32_ov = made(weights, "openvino", "fp32.xml")
+    calib = calibration_set(str(data), int(read_meta(onnx.load(str(fp32_onnx)))["imgsz"]), args.calib_images)
+    rows = [("fp32", "onnxruntime", fp32_onnx), ("fp32", "openvino", fp32_ov),
+            ("peer: int8, onnxruntime defaults", "onnxruntime", ort_default_int8(fp32_onnx, work / "ort-default.onnx",
+                                                                                calib)),
+            ("peer: int8, NNCF defaults", "openvino", nncf_default_int8(fp32_onnx, work / "nncf-default.xml", calib))]
+    for spec in args.compressed:
+        name, _, path = spec.partition("=")
+        src = Path(path)
+        tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-")
+        rows += [(f"{name}: onnx-int8", "onnxruntime", made(src, "onnx-int8", f"{tag}.int8.onnx")),
+                 (f"{name}: openvino (our ranges)", "openvino", made(src, "openvino", f"{tag}.xml")),
+                 (f"{name}: openvino-int8 (NNCF ranges)", "openvino", made(src, "openvino-int8", f"{tag}.int8.xml"))]
+    return rows
+
+
+def markdown(rows: list[dict], batches: tuple[int, ...], header: str) -> str:
+    classes = list(rows[0]["ap50"])
+    cols = ["model", "runtime", "mAP50", *[f"AP50 {c}" for c in classes], "MB"]
+    for b in batches:
+        cols += [f"b{b} median ms", f"b{b} p90 ms", f"b{b} x fp32 ORT", f"b{b} x fp32 same runtime"]
+    out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r["name"], r["runtime"], f"{r['map50']:.4f}", *[f"{r['ap50'][c]:.4f}" for c in classes],
+                 f"{r['mb']:.2f}"]
+        for b in batches:
+            t = r["latency"][str(b)]
+            cells += [f"{t['median_ms']:.2f}", f"{t['p90_ms']:.2f}", f"{t['vs_fp32_ort']:.2f}x",
+                      f"{t['vs_fp32_same']:.2f}x"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", required=True, help="the float checkpoint (fp32 and peer rows)")
+    ap.add_argument("--data", required=True, help="dataset YAML")
+    ap.add_argument("--split", default="test", help="split the mAP is measured on")
+    ap.add_argument("--compressed", action="append", default=[], metavar="NAME=PATH",
+                    help="our compressed checkpoint (after recover / QAT) to export for both runtimes")
+    ap.add_argument("--calib-images", type=int, default=64, help="training chips for every int8 calibration")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both runtimes (default: all)")
+    ap.add_argument("--out", default="runtime_compare")
+    args = ap.parse_args()
+    batches = tuple(int(b) for b in args.batches.split(","))
+    made = artifacts(args)
+    load = os.getloadavg()
+    cfg = LatencyConfig(batches=batches, runs=args.runs, warmup=5, threads=args.threads, devices=("cpu",))
+    timed = benchmark([p for _, _, p in made], cfg)
+    info = machine(cfg.threads)
+    by = {(r.artifact, r.batch): r for r in timed}
+    fp32 = {rt: p for n, rt, p in made if n == "fp32"}
+    rows = []
+    for name, runtime, path in made:
+        m = evaluate(path, args.data, split=args.split)
+        size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+        lat = {}
+        for b in batches:
+            r = by[(str(path), b)]
+            lat[str(b)] = {"median_ms": r.median_ms, "p90_ms": r.p90_ms,
+                           "vs_fp32_ort": by[(str(fp32["onnxruntime"]), b)].median_ms / r.median_ms,
+                           "vs_fp32_same": by[(str(fp32[runtime]), b)].median_ms / r.median_ms}
+        rows.append({"name": name, "runtime": runtime, "path": str(path), "map50": m["map50"],
+                     "map50_95": m["map50_95"], "ap50": {c: (v or {}).get("ap50") for c, v in m["per_class"].items()},
+                     "mb": size / 1e6, "latency": lat})
+        print(f"{name:45} {runtime:11} mAP50 {m['map50']:.4f}  b1 {lat[str(batches[0])]['median_ms']:.2f} ms",
+              flush=True)
+    command = "python benchmarks/runtime_compare.py " + " ".join(
+        f'"{a}"' if " " in a else a for a in sys.argv[1:])
+    header = (f"# Runtimes: fp32, peer int8 and ours on {args.split} of {args.data}\n\n"
+              f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, onnxruntime {info['onnxruntime']}, "
+              f"openvino {info.get('openvino')}; {args.runs} runs after 5 warm-up per row, all rows in one run; "
+              f"load average at the start {load[0]:.2f} / {load[1]:.2f} (1 / 5 min)\n\nCommand: `{command}`")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_text(RESULTS / f"{args.out}.md", markdown(rows, batches, header))
+    write_text(RESULTS / f"{args.out}.json", json.dumps({"machine": info, "load_average": load, "rows": rows,
+                                                           "command": command}, indent=2, default=float))
+    print(markdown(rows, batches, header))
+
+
+if __name__ == "__main__":
+    main()
