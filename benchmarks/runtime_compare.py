@@ -14,7 +14,8 @@ the load average at the start is written into the table):
   MinMax) and NNCF for OpenVINO as ultralytics' ``export(format="openvino", int8=True)``
   runs it (``mixed`` preset, box decoding left float, NNCF's default overflow fix);
 * each ``--compressed`` checkpoint exported as ``onnx-int8``, ``openvino`` (our calibrated
-  activation ranges as FakeQuantize) and ``openvino-int8`` (NNCF's ranges).
+  activation ranges as FakeQuantize) and ``openvino-int8`` (NNCF's ranges), with each
+  ``--decode`` (boxes decoded in the graph, or on the host after it).
 
 Columns: mAP50 and AP50 per class on ``--split``, file MB, median and p90 ms at each batch,
 speed-up against fp32 onnxruntime and against fp32 on the same runtime. Artifacts are kept
@@ -96,10 +97,10 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
     work = WORK / weights.parent.parent.name / weights.stem
     work.mkdir(parents=True, exist_ok=True)
 
-    def made(src: Path, fmt: str, name: str) -> Path:
+    def made(src: Path, fmt: str, name: str, decode: str = "graph") -> Path:
         out = work / name
         if not out.is_file():
-            export(src, fmt, out=out, data=data, split="val", calib_images=args.calib_images)
+            export(src, fmt, out=out, data=data, split="val", calib_images=args.calib_images, decode=decode)
         return out
     fp32_onnx = made(weights, "onnx", "fp32.onnx")
     fp32_ov = made(weights, "openvino", "fp32.xml")
@@ -111,10 +112,13 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
     for spec in args.compressed:
         name, _, path = spec.partition("=")
         src = Path(path)
-        tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-")
-        rows += [(f"{name}: onnx-int8", "onnxruntime", made(src, "onnx-int8", f"{tag}.int8.onnx")),
-                 (f"{name}: openvino (our ranges)", "openvino", made(src, "openvino", f"{tag}.xml")),
-                 (f"{name}: openvino-int8 (NNCF ranges)", "openvino", made(src, "openvino-int8", f"{tag}.int8.xml"))]
+        for decode in args.decode.split(","):
+            tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") + ("" if decode == "graph" else f"-{decode}")
+            how = "" if decode == "graph" else f", {decode} decode"
+            rows += [(f"{name}: onnx-int8{how}", "onnxruntime", made(src, "onnx-int8", f"{tag}.int8.onnx", decode)),
+                     (f"{name}: openvino, our ranges{how}", "openvino", made(src, "openvino", f"{tag}.xml", decode)),
+                     (f"{name}: openvino-int8, NNCF ranges{how}", "openvino",
+                      made(src, "openvino-int8", f"{tag}.int8.xml", decode))]
     return rows
 
 
@@ -143,6 +147,7 @@ def main() -> None:
     ap.add_argument("--compressed", action="append", default=[], metavar="NAME=PATH",
                     help="our compressed checkpoint (after recover / QAT) to export for both runtimes")
     ap.add_argument("--calib-images", type=int, default=64, help="training chips for every int8 calibration")
+    ap.add_argument("--decode", default="graph,host", help="box decoding of our exports, comma-separated")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both runtimes (default: all)")

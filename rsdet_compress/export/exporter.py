@@ -52,6 +52,7 @@ from rsdet_compress.export.onnx import (
 from rsdet_compress.export.openvino import export_openvino, require_nncf
 from rsdet_compress.export.packed import fp32_bytes, save_packed
 from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.decode import DECODES
 from rsdet_compress.runtime.loader import load_model
 from rsdet_compress.runtime.openvino import bin_path, require_openvino
 
@@ -106,6 +107,10 @@ class ExportOptions:
     full_range_weights: bool = FULL_RANGE_WEIGHTS
     #: ONNX opset (default: the newest the exporter writes)
     opset: int = DEFAULT_OPSET
+    #: onnx / openvino formats: "graph" decodes boxes in the graph (any ONNX consumer can use the output);
+    #: "host" ends the graph at the head's convs and decodes in vectorised torch when our runtime loads it
+    #: (the in-graph DFL softmax and re-quantizations cost int8 CPU runtimes more than the convs they follow)
+    decode: str = "graph"
     #: evaluation batch size
     batch: int = 16
 
@@ -199,16 +204,16 @@ def round_channels(model: nn.Module, meta: dict, calib, multiple: int = CHANNEL_
 
 # ------------------------------------------------------------------ export
 def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, imgsz: int, opset: int,
-           calib, full_range_weights: bool = FULL_RANGE_WEIGHTS) -> dict:
+           calib, full_range_weights: bool = FULL_RANGE_WEIGHTS, decode: str = "graph") -> dict:
     """Write one artifact; returns format-specific report fields."""
     if fmt == "onnx":
-        export_module(model, meta, out, imgsz, opset=opset, source=str(weights))
+        export_module(model, meta, out, imgsz, opset=opset, source=str(weights), decode=decode)
         return {}
     if fmt == "onnx-int8":
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".fp32.onnx")
         os.close(fd)
         try:
-            export_module(model, meta, tmp, imgsz, opset=opset, source=str(weights))
+            export_module(model, meta, tmp, imgsz, opset=opset, source=str(weights), decode=decode)
             quantize_int8(tmp, out, image_batches(calib, 8), full_range_weights=full_range_weights)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -216,7 +221,7 @@ def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, img
     if fmt.startswith("openvino"):
         batches = image_batches(calib, 8) if fmt == "openvino-int8" else None
         export_openvino(model, meta, out, imgsz, batches, opset=opset, source=str(weights),
-                        full_range_weights=full_range_weights)
+                        full_range_weights=full_range_weights, decode=decode)
         return {"calib_images": len(calib)} if batches is not None else {}
     r = save_packed(weights, out)
     return {k: v for k, v in r.items() if k not in ("path", "bytes", "fp32_bytes", "ratio")}
@@ -226,7 +231,8 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
            data: str | Path | None = ExportOptions.data, split: str = ExportOptions.split,
            calib_images: int = ExportOptions.calib_images, tolerance: float | None = ExportOptions.tolerance,
            round8: bool = ExportOptions.round8, opset: int = ExportOptions.opset,
-           batch: int = ExportOptions.batch, full_range_weights: bool = ExportOptions.full_range_weights) -> dict:
+           batch: int = ExportOptions.batch, full_range_weights: bool = ExportOptions.full_range_weights,
+           decode: str = ExportOptions.decode) -> dict:
     """Export ``weights`` (a float or compressed checkpoint) as ``format`` and verify it by mAP.
 
     Returns the report: ``path``, ``bytes`` (on disk), ``fp32_bytes`` (the same architecture's
@@ -245,6 +251,10 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
         raise UserError(f"--tolerance must be >= 0, got {tolerance}")
     check_batch(batch)
     check_opset(opset)
+    if decode not in DECODES:
+        raise UserError(f"unknown --decode {decode!r}; choose one of: {', '.join(DECODES)}")
+    if decode != "graph" and fmt == "packed":
+        raise UserError("--decode applies to the onnx and openvino formats; the packed file is a checkpoint")
     model, meta = load_detector(weights)
     if fmt == "packed" and not meta.get("compressed"):
         raise UserError(f"{weights}: the packed format needs a compressed checkpoint (rsdet-compress compress)")
@@ -274,7 +284,7 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
     key = (str(src.resolve()), stat.st_mtime_ns, str(data.resolve()), split, imgsz)
     ref = _reference(model, key, evaluator)
     t0 = time.perf_counter()
-    extra = _write(fmt, model, meta, src, out, imgsz, opset, calib, full_range_weights)
+    extra = _write(fmt, model, meta, src, out, imgsz, opset, calib, full_range_weights, decode)
     seconds = time.perf_counter() - t0
     artifact, _ = load_model(out)
     got = evaluator(artifact)

@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import tempfile
+import types
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -47,6 +48,7 @@ from rsdet_compress.atomic import atomic_path
 from rsdet_compress.compress.quant import FLOAT_BITS, ActQuantizer, QConv2d, fake_quant_weight
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.decode import DECODES, decode_meta
 from rsdet_compress.runtime.onnx_meta import FORMAT, META_KEY, VERSION, read_meta
 
 #: newest opset torch's TorchScript ONNX exporter writes (torch 2.x).
@@ -99,13 +101,33 @@ def _baked_conv(q: QConv2d) -> nn.Conv2d:
     return conv
 
 
-def exportable(model: nn.Module, act_qdq: bool = True) -> nn.Module:
+def _is_head(m: nn.Module) -> bool:
+    return hasattr(m, "dynamic") and hasattr(m, "stride") and hasattr(m, "nl")  # ultralytics Detect heads
+
+
+def _raw_head_output(head: nn.Module, x: dict) -> torch.Tensor:
+    """``Detect._inference`` for ``decode="host"``: the head convs' outputs, undecoded (runtime.decode)."""
+    return torch.cat((x["boxes"], x["scores"]), 1)
+
+
+def detect_head(model: nn.Module) -> nn.Module:
+    """The model's ultralytics Detect head (the last, if several)."""
+    heads = [m for m in model.modules() if _is_head(m)]
+    if not heads:
+        raise UserError("no ultralytics Detect head in this model: its box decoding cannot move out of the graph")
+    return heads[-1]
+
+
+def exportable(model: nn.Module, act_qdq: bool = True, decode: str = "graph") -> nn.Module:
     """A float, eval-mode copy of ``model`` ready for ``torch.onnx.export``.
 
     ``QConv2d`` layers become plain convs with baked weights, preceded by an
     :class:`ActQDQ` when their activation quantizer is on and calibrated (and
-    ``act_qdq``); Detect heads build their anchor grid from the input shape.
+    ``act_qdq``); Detect heads build their anchor grid from the input shape, or with
+    ``decode="host"`` stop at their convs (:mod:`rsdet_compress.runtime.decode`).
     """
+    if decode not in DECODES:
+        raise UserError(f"unknown --decode {decode!r}; choose one of: {', '.join(DECODES)}")
     model = copy.deepcopy(model).float().cpu().eval()
     swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, QConv2d)]
     for name, q in swaps:
@@ -117,8 +139,13 @@ def exportable(model: nn.Module, act_qdq: bool = True) -> nn.Module:
             conv = nn.Sequential(ActQDQ(aq), conv)
         setattr(parent, leaf, conv)
     for m in model.modules():
-        if hasattr(m, "dynamic") and hasattr(m, "stride") and hasattr(m, "nl"):  # ultralytics Detect heads
+        if _is_head(m):
             m.dynamic = True
+            if decode == "host":
+                if getattr(m, "end2end", False):
+                    raise UserError("decode 'host' covers the Detect head's DFL decoding; this head is end-to-end "
+                                    "(its own top-k): export it with --decode graph")
+                m._inference = types.MethodType(_raw_head_output, m)
     return _RawOutput(model).eval()
 
 
@@ -140,7 +167,8 @@ def policy_summary(model: nn.Module) -> dict | None:
             "act_bits_layers": {str(k): v for k, v in sorted(abits.items())}}
 
 
-def onnx_meta(model: nn.Module, meta: dict, imgsz: int, precision: str, act_qdq: bool, source: str) -> dict:
+def onnx_meta(model: nn.Module, meta: dict, imgsz: int, precision: str, act_qdq: bool, source: str,
+              decode: str = "graph") -> dict:
     """The JSON stored under :data:`META_KEY`: everything ``load_model`` and the evaluator need."""
     stride = getattr(model, "stride", None)
     stride = int(stride.max()) if isinstance(stride, torch.Tensor) and stride.numel() else 32
@@ -148,7 +176,8 @@ def onnx_meta(model: nn.Module, meta: dict, imgsz: int, precision: str, act_qdq:
     return {"format": FORMAT, "version": VERSION, "detector": meta.get("detector"),
             "num_classes": int(meta["num_classes"]), "names": list(names), "imgsz": int(imgsz),
             "stride": stride, "rescale": meta.get("rescale"), "compressed": bool(meta.get("compressed")),
-            "precision": precision, "act_qdq": act_qdq, "policy": policy_summary(model), "source": source}
+            "precision": precision, "act_qdq": act_qdq, "policy": policy_summary(model), "source": source,
+            **(decode_meta(detect_head(model)) if decode == "host" else {"decode": "graph"})}
 
 
 def _set_meta(model: onnx.ModelProto, meta: dict) -> None:
@@ -174,13 +203,13 @@ def check_opset(opset: int) -> None:
 
 
 def export_module(model: nn.Module, meta: dict, out: str | Path, imgsz: int, opset: int = DEFAULT_OPSET,
-                  dynamic_batch: bool = True, act_qdq: bool = True, source: str = "") -> Path:
+                  dynamic_batch: bool = True, act_qdq: bool = True, source: str = "", decode: str = "graph") -> Path:
     """Export an in-memory detector (float or compressed) to ``out``; see the module docstring."""
     check_opset(opset)
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give the .onnx file's path")
-    net = exportable(model, act_qdq)
+    net = exportable(model, act_qdq, decode)
     x = torch.zeros(2 if dynamic_batch else 1, 3, imgsz, imgsz)
     axes = {INPUT_NAME: {2: "height", 3: "width"}, OUTPUT_NAME: {2: "anchors"}}
     if dynamic_batch:
@@ -193,7 +222,7 @@ def export_module(model: nn.Module, meta: dict, out: str | Path, imgsz: int, ops
                               output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True)
         proto = onnx.load(str(raw))
     _qdq_constants_to_initializers(proto)
-    _set_meta(proto, onnx_meta(model, meta, imgsz, "fp32", act_qdq and _has_act_quant(model), source))
+    _set_meta(proto, onnx_meta(model, meta, imgsz, "fp32", act_qdq and _has_act_quant(model), source, decode))
     return _save_checked(proto, out)
 
 

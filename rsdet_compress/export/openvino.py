@@ -76,7 +76,7 @@ def save_ir(ov_model, out: Path) -> Path:
 
 def export_openvino(model: nn.Module, meta: dict, out: str | Path, imgsz: int, calib_batches: Iterable | None = None,
                     opset: int = DEFAULT_OPSET, source: str = "",
-                    full_range_weights: bool = FULL_RANGE_WEIGHTS) -> Path:
+                    full_range_weights: bool = FULL_RANGE_WEIGHTS, decode: str = "graph") -> Path:
     """Export an in-memory detector to the OpenVINO IR ``out`` (.xml); int8 by NNCF when ``calib_batches`` is given.
 
     ``calib_batches``: float image batches (B, 3, H, W, 0..1) of training chips, all used. They are
@@ -91,7 +91,7 @@ def export_openvino(model: nn.Module, meta: dict, out: str | Path, imgsz: int, c
         raise UserError(f"{out}: an OpenVINO IR is written as NAME.xml (+ NAME.bin)")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_module(model, meta, onnx_path, imgsz, opset=opset, act_qdq=not int8, source=source)
+        export_module(model, meta, onnx_path, imgsz, opset=opset, act_qdq=not int8, source=source, decode=decode)
         proto = onnx.load(str(onnx_path))
         ov_meta = read_meta(proto)
         ov_model = ov.convert_model(str(onnx_path))

@@ -15,6 +15,7 @@ from torch import nn
 
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.decode import HostDecoder
 from rsdet_compress.runtime.onnx_meta import META_KEY, read_meta
 from rsdet_compress.runtime.openvino import OV_SUFFIX, OpenVinoDetector
 from rsdet_compress.runtime.packed import MAGIC, load_packed
@@ -64,6 +65,8 @@ class OnnxDetector(nn.Module):
             raise UserError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0][:120]})") from None
         self.input_name = self.session.get_inputs()[0].name
         self.meta = meta
+        #: box decoding outside the graph (``decode: host`` files), else None
+        self.decoder = HostDecoder.from_meta(meta)
         self.names = dict(enumerate(meta.get("names") or []))
         self.detector_name = meta.get("detector")
         self.stride = torch.tensor([float(meta.get("stride") or 32)])
@@ -72,8 +75,10 @@ class OnnxDetector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Decoded predictions (B, 4 + nc, anchors) for a float batch (B, 3, H, W), on ``x``'s device."""
         arr = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        y = self.session.run(None, {self.input_name: arr})[0]
-        return torch.from_numpy(y).to(x.device)
+        y = torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+        if self.decoder is not None:
+            y = self.decoder(y, tuple(arr.shape[2:]))
+        return y.to(x.device)
 
     def extra_repr(self) -> str:
         return f"{self.path.name}, {self.meta.get('precision')}, providers={self.session.get_providers()}"

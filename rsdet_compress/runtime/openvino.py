@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.decode import HostDecoder
 from rsdet_compress.runtime.onnx_meta import FORMAT, META_KEY
 
 #: file suffix of an OpenVINO IR's entry point (its weights are the ``.bin`` beside it)
@@ -93,6 +94,8 @@ class OpenVinoDetector(nn.Module):
             raise UserError(f"{self.path}: not an rsdet-compress OpenVINO IR (no '{META_KEY}' runtime info)")
         self.meta = meta
         self.config = compile_config(threads)
+        #: box decoding outside the graph (``decode: host`` files), else None
+        self.decoder = HostDecoder.from_meta(meta)
         self.names = dict(enumerate(meta.get("names") or []))
         self.detector_name = meta.get("detector")
         self.stride = torch.tensor([float(meta.get("stride") or 32)])
@@ -118,7 +121,10 @@ class OpenVinoDetector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Decoded predictions (B, 4 + nc, anchors) for a float batch (B, 3, H, W), on ``x``'s device."""
         arr = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.run(arr)).to(x.device)
+        y = torch.from_numpy(self.run(arr))
+        if self.decoder is not None:
+            y = self.decoder(y, tuple(arr.shape[2:]))
+        return y.to(x.device)
 
     def extra_repr(self) -> str:
         return f"{self.path.name}, {self.meta.get('precision')}, openvino CPU"
