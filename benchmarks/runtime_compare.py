@@ -13,8 +13,9 @@ the load average at the start is written into the table):
   onnxruntime ``quantize_static`` with its defaults (QDQ, per-tensor, int8 activations,
   MinMax) and NNCF for OpenVINO as ultralytics' ``export(format="openvino", int8=True)``
   runs it (``mixed`` preset, box decoding left float, NNCF's default overflow fix);
-* each ``--compressed`` checkpoint exported as ``onnx-int8``, ``openvino`` (our calibrated
-  activation ranges as FakeQuantize) and ``openvino-int8`` (NNCF's ranges), with each
+* each ``--compressed`` checkpoint exported as ``onnx-int8``, ``openvino`` (fp32 weights, our
+  activation ranges as FakeQuantize), ``openvino-int8`` by NNCF and by onnxruntime (the
+  onnx-int8 QDQ graph with our activation ranges, converted), with each
   ``--decode`` (boxes decoded in the graph, or on the host after it).
 
 Columns: mAP50 and AP50 per class on ``--split``, file MB, median and p90 ms at each batch,
@@ -97,10 +98,11 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
     work = WORK / weights.parent.parent.name / weights.stem
     work.mkdir(parents=True, exist_ok=True)
 
-    def made(src: Path, fmt: str, name: str, decode: str = "graph") -> Path:
+    def made(src: Path, fmt: str, name: str, decode: str = "graph", quantizer: str = "nncf") -> Path:
         out = work / name
         if not out.is_file():
-            export(src, fmt, out=out, data=data, split="val", calib_images=args.calib_images, decode=decode)
+            export(src, fmt, out=out, data=data, split="val", calib_images=args.calib_images, decode=decode,
+                   ov_quantizer=quantizer)
         return out
     fp32_onnx = made(weights, "onnx", "fp32.onnx")
     fp32_ov = made(weights, "openvino", "fp32.xml")
@@ -116,9 +118,12 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
             tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") + ("" if decode == "graph" else f"-{decode}")
             how = "" if decode == "graph" else f", {decode} decode"
             rows += [(f"{name}: onnx-int8{how}", "onnxruntime", made(src, "onnx-int8", f"{tag}.int8.onnx", decode)),
-                     (f"{name}: openvino, our ranges{how}", "openvino", made(src, "openvino", f"{tag}.xml", decode)),
-                     (f"{name}: openvino-int8, NNCF ranges{how}", "openvino",
-                      made(src, "openvino-int8", f"{tag}.int8.xml", decode))]
+                     (f"{name}: openvino, fp32 weights + our activation FQ{how}", "openvino",
+                      made(src, "openvino", f"{tag}.xml", decode)),
+                     (f"{name}: openvino-int8, NNCF{how}", "openvino", made(src, "openvino-int8", f"{tag}.int8.xml",
+                                                                            decode)),
+                     (f"{name}: openvino-int8, onnx-int8 QDQ (our ranges){how}", "openvino",
+                      made(src, "openvino-int8", f"{tag}.ortq.int8.xml", decode, "onnxruntime"))]
     return rows
 
 

@@ -103,6 +103,19 @@ def test_compressed_ir_fp32_and_nncf_int8_keep_map_via_cli(compressed, small_air
     assert meta["precision"] == "int8" and meta["weight_code_bits"] == 7 and meta["compressed"]
 
 
+def test_onnxruntime_quantized_ir_keeps_our_ranges(compressed, small_airbus, tmp_path):
+    """``--ov-quantizer onnxruntime``: the onnx-int8 QDQ graph (our activation scales) run by OpenVINO."""
+    r = export(compressed, "openvino-int8", out=tmp_path / "q.xml", data=small_airbus, calib_images=8,
+               ov_quantizer="onnxruntime", decode="host")
+    assert r["passed"] and abs(r["dmap50"]) <= INT8_TOLERANCE
+    meta = load_model(r["path"])[1]
+    assert meta["quantizer"].startswith("onnxruntime") and meta["decode"] == "host" and meta["precision"] == "int8"
+    ops = _ops(r["path"])
+    assert ops["FakeQuantize"] > 20 and ops["Softmax"] == 0
+    with pytest.raises(UserError, match="unknown --ov-quantizer 'tflite'"):
+        export(compressed, "openvino-int8", out=tmp_path / "x.xml", data=small_airbus, ov_quantizer="tflite")
+
+
 def test_predict_and_benchmark_run_the_ir(float_ir, small_airbus, tmp_path):
     path, _ = float_ir
     cfg = LatencyConfig(batches=(1, 2), runs=2, warmup=1, imgsz=160, devices=("cpu",))

@@ -49,3 +49,8 @@ def budget_metrics() -> list[str]:
 def recovery() -> tuple[str, ...]:
     from rsdet_compress.search.evaluation import RECOVERY
     return RECOVERY
+
+
+def latency_runtimes() -> tuple[str, ...]:
+    from rsdet_compress.runtime.latency_table import RUNTIMES
+    return RUNTIMES

@@ -20,12 +20,14 @@ def _formats() -> tuple[str, ...]:
 def add_export(p: argparse.ArgumentParser) -> None:
     from rsdet_compress.data.split import SPLITS
     from rsdet_compress.export.exporter import ExportOptions
+    from rsdet_compress.export.openvino import OV_QUANTIZERS
     from rsdet_compress.runtime.decode import DECODES
     p.add_argument("--weights", required=True, help="float or compressed checkpoint (.pt)")
     p.add_argument("--format", required=True, metavar="FORMAT[,FORMAT...]",
                    help=ChoicesHelp("one or several comma-separated of: %(choices)s", _formats))
     p.add_argument("--out", help="artifact path (one format) or folder (several); default beside the weights")
-    add_config_args(p, ExportOptions, extra={"split": {"choices": SPLITS}, "decode": {"choices": DECODES}})
+    add_config_args(p, ExportOptions, extra={"split": {"choices": SPLITS}, "decode": {"choices": DECODES},
+                                                  "ov_quantizer": {"choices": OV_QUANTIZERS}})
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_trust_weights(p)
 

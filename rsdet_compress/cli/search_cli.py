@@ -19,7 +19,8 @@ def add_search(p: argparse.ArgumentParser) -> None:
     from rsdet_compress.search.runner import SearchConfig
     add_config_args(p, SearchConfig,
                     choices={"agent": choices.agents, "reward": choices.rewards, "metric": choices.metrics,
-                             "criterion": choices.criteria, "recover": choices.recovery},
+                             "criterion": choices.criteria, "recover": choices.recovery,
+                             "latency_runtime": choices.latency_runtimes},
                     extra={"budget": {"action": "append", "type": None, "metavar": "NAME=FRACTION", "help": ChoicesHelp(
                         "NAME=FRACTION of the float model, NAME one of %(choices)s (repeatable), e.g. "
                         "--budget size=0.125 --budget bops=0.02", choices.budget_metrics)}})

@@ -84,6 +84,8 @@ class Cost:
     bops: int  # bit operations of the convs: sum macs_c * weight bits_c * act bits
     nonconv_flops: int = 0  # part of ``flops`` that is not conv (attention matmuls)
     per_layer: dict[str, dict] = field(default_factory=dict, repr=False)
+    #: predicted latency (ms), set only where a measured latency table is in use (search.latency_cost)
+    latency_ms: float = 0.0
 
     @property
     def size_bytes(self) -> int:
@@ -106,9 +108,12 @@ class Cost:
         """How many times smaller than ``ref`` (e.g. the float model's ``estimate(view)``)."""
         def div(a: int, b: int) -> float:
             return a / b if b else math.inf
-        return {"size": div(ref.weight_bits, self.weight_bits), "flops": div(ref.flops, self.flops),
-                "bops": div(ref.bops, self.bops), "params": div(ref.params, self.params),
-                "macs": div(ref.macs, self.macs)}
+        out = {"size": div(ref.weight_bits, self.weight_bits), "flops": div(ref.flops, self.flops),
+               "bops": div(ref.bops, self.bops), "params": div(ref.params, self.params),
+               "macs": div(ref.macs, self.macs)}
+        if self.latency_ms and ref.latency_ms:
+            out["latency"] = ref.latency_ms / self.latency_ms
+        return out
 
     def to_dict(self) -> dict:
         return {**asdict(self), "size_bytes": self.size_bytes, "size_mb": self.size_mb,

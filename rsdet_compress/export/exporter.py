@@ -49,7 +49,7 @@ from rsdet_compress.export.onnx import (
     export_module,
     quantize_int8,
 )
-from rsdet_compress.export.openvino import export_openvino, require_nncf
+from rsdet_compress.export.openvino import OV_QUANTIZERS, export_openvino, require_nncf
 from rsdet_compress.export.packed import fp32_bytes, save_packed
 from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.runtime.decode import DECODES
@@ -111,6 +111,9 @@ class ExportOptions:
     #: "host" ends the graph at the head's convs and decodes in vectorised torch when our runtime loads it
     #: (the in-graph DFL softmax and re-quantizations cost int8 CPU runtimes more than the convs they follow)
     decode: str = "graph"
+    #: openvino-int8: "nncf" quantizes the float graph with NNCF's ranges; "onnxruntime" converts the onnx-int8 QDQ
+    #: graph (a compressed model's own activation ranges kept): whichever measures better on the target CPU
+    ov_quantizer: str = "nncf"
     #: evaluation batch size
     batch: int = 16
 
@@ -204,7 +207,8 @@ def round_channels(model: nn.Module, meta: dict, calib, multiple: int = CHANNEL_
 
 # ------------------------------------------------------------------ export
 def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, imgsz: int, opset: int,
-           calib, full_range_weights: bool = FULL_RANGE_WEIGHTS, decode: str = "graph") -> dict:
+           calib, full_range_weights: bool = FULL_RANGE_WEIGHTS, decode: str = "graph",
+           ov_quantizer: str = "nncf") -> dict:
     """Write one artifact; returns format-specific report fields."""
     if fmt == "onnx":
         export_module(model, meta, out, imgsz, opset=opset, source=str(weights), decode=decode)
@@ -221,7 +225,7 @@ def _write(fmt: str, model: nn.Module, meta: dict, weights: Path, out: Path, img
     if fmt.startswith("openvino"):
         batches = image_batches(calib, 8) if fmt == "openvino-int8" else None
         export_openvino(model, meta, out, imgsz, batches, opset=opset, source=str(weights),
-                        full_range_weights=full_range_weights, decode=decode)
+                        full_range_weights=full_range_weights, decode=decode, quantizer=ov_quantizer)
         return {"calib_images": len(calib)} if batches is not None else {}
     r = save_packed(weights, out)
     return {k: v for k, v in r.items() if k not in ("path", "bytes", "fp32_bytes", "ratio")}
@@ -232,7 +236,7 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
            calib_images: int = ExportOptions.calib_images, tolerance: float | None = ExportOptions.tolerance,
            round8: bool = ExportOptions.round8, opset: int = ExportOptions.opset,
            batch: int = ExportOptions.batch, full_range_weights: bool = ExportOptions.full_range_weights,
-           decode: str = ExportOptions.decode) -> dict:
+           decode: str = ExportOptions.decode, ov_quantizer: str = ExportOptions.ov_quantizer) -> dict:
     """Export ``weights`` (a float or compressed checkpoint) as ``format`` and verify it by mAP.
 
     Returns the report: ``path``, ``bytes`` (on disk), ``fp32_bytes`` (the same architecture's
@@ -253,6 +257,8 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
     check_opset(opset)
     if decode not in DECODES:
         raise UserError(f"unknown --decode {decode!r}; choose one of: {', '.join(DECODES)}")
+    if ov_quantizer not in OV_QUANTIZERS:
+        raise UserError(f"unknown --ov-quantizer {ov_quantizer!r}; choose one of: {', '.join(OV_QUANTIZERS)}")
     if decode != "graph" and fmt == "packed":
         raise UserError("--decode applies to the onnx and openvino formats; the packed file is a checkpoint")
     model, meta = load_detector(weights)
@@ -284,7 +290,7 @@ def export(weights: str | Path, format: str, out: str | Path | None = None,
     key = (str(src.resolve()), stat.st_mtime_ns, str(data.resolve()), split, imgsz)
     ref = _reference(model, key, evaluator)
     t0 = time.perf_counter()
-    extra = _write(fmt, model, meta, src, out, imgsz, opset, calib, full_range_weights, decode)
+    extra = _write(fmt, model, meta, src, out, imgsz, opset, calib, full_range_weights, decode, ov_quantizer)
     seconds = time.perf_counter() - t0
     artifact, _ = load_model(out)
     got = evaluator(artifact)

@@ -32,10 +32,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
+import torch
 from torch import nn
 
 from rsdet_compress.errors import UserError
-from rsdet_compress.export.onnx import DEFAULT_OPSET, FULL_RANGE_WEIGHTS, export_module, post_conv_nodes
+from rsdet_compress.export.onnx import (
+    DEFAULT_OPSET,
+    FULL_RANGE_WEIGHTS,
+    export_module,
+    post_conv_nodes,
+    quantize_int8,
+)
 from rsdet_compress.runtime.onnx_meta import META_KEY, read_meta
 from rsdet_compress.runtime.openvino import bin_path, require_openvino
 
@@ -74,42 +81,60 @@ def save_ir(ov_model, out: Path) -> Path:
     return out
 
 
-def export_openvino(model: nn.Module, meta: dict, out: str | Path, imgsz: int, calib_batches: Iterable | None = None,
-                    opset: int = DEFAULT_OPSET, source: str = "",
-                    full_range_weights: bool = FULL_RANGE_WEIGHTS, decode: str = "graph") -> Path:
-    """Export an in-memory detector to the OpenVINO IR ``out`` (.xml); int8 by NNCF when ``calib_batches`` is given.
+#: who quantizes an ``openvino-int8`` IR: NNCF on the float graph, or onnxruntime (the ``onnx-int8`` QDQ graph,
+#: converted: a compressed model's own activation ranges, int8 weights in QDQ, which OpenVINO runs as int8)
+OV_QUANTIZERS = ("nncf", "onnxruntime")
 
-    ``calib_batches``: float image batches (B, 3, H, W, 0..1) of training chips, all used. They are
-    handed to NNCF one image at a time: its ``subset_size`` counts dataset items, and batched
-    items would make it count batches as images.
+
+def _nncf_int8(ov_model, proto: onnx.ModelProto, images: list, full_range_weights: bool):
+    nncf = require_nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    fix = OverflowFix.DISABLE if full_range_weights else OverflowFix.ENABLE
+    nncf.set_log_level(logging.WARNING)  # its INFO lines go to stdout, which --json keeps for the report
+    with contextlib.redirect_stdout(sys.stderr):  # and so do its progress bars
+        return nncf.quantize(
+            ov_model, nncf.Dataset(images), preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
+            ignored_scope=nncf.IgnoredScope(patterns=float_scope(proto), validate=False),
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fix)), f"nncf {nncf.__version__}"
+
+
+def export_openvino(model: nn.Module, meta: dict, out: str | Path, imgsz: int, calib_batches: Iterable | None = None,
+                    opset: int = DEFAULT_OPSET, source: str = "", full_range_weights: bool = FULL_RANGE_WEIGHTS,
+                    decode: str = "graph", quantizer: str = "nncf") -> Path:
+    """Export an in-memory detector to the OpenVINO IR ``out`` (.xml); int8 when ``calib_batches`` is given.
+
+    ``calib_batches``: float image batches (B, 3, H, W, 0..1) of training chips, all used.
+    ``quantizer`` (:data:`OV_QUANTIZERS`): ``nncf`` gets them one image at a time (its
+    ``subset_size`` counts dataset items; batched items would count batches as images);
+    ``onnxruntime`` calibrates :func:`quantize_int8` with them and converts its QDQ graph.
     """
     ov = require_openvino()
+    if quantizer not in OV_QUANTIZERS:
+        raise UserError(f"unknown --ov-quantizer {quantizer!r}; choose one of: {', '.join(OV_QUANTIZERS)}")
     int8 = calib_batches is not None
-    nncf = require_nncf() if int8 else None
     out = Path(out)
     if out.suffix.lower() != ".xml":
         raise UserError(f"{out}: an OpenVINO IR is written as NAME.xml (+ NAME.bin)")
+    images = [x[None] for b in calib_batches for x in b.detach().float().cpu().numpy()] if int8 else []
+    if int8 and not images:
+        raise UserError("openvino-int8 needs calibration images: the calibration set is empty")
+    extra = {}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_module(model, meta, onnx_path, imgsz, opset=opset, act_qdq=not int8, source=source, decode=decode)
+        # NNCF quantizes the float graph; onnxruntime keeps our activation QDQ and adds the rest
+        export_module(model, meta, onnx_path, imgsz, opset=opset, act_qdq=not int8 or quantizer == "onnxruntime",
+                      source=source, decode=decode)
+        if int8 and quantizer == "onnxruntime":
+            quantize_int8(onnx_path, Path(tmp) / "int8.onnx", [torch.from_numpy(x) for x in images],
+                          full_range_weights=full_range_weights)
+            onnx_path, extra["quantizer"] = Path(tmp) / "int8.onnx", "onnxruntime (QDQ graph converted)"
         proto = onnx.load(str(onnx_path))
         ov_meta = read_meta(proto)
         ov_model = ov.convert_model(str(onnx_path))
+    if int8 and quantizer == "nncf":
+        ov_model, extra["quantizer"] = _nncf_int8(ov_model, proto, images, full_range_weights)
     if int8:
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-        images = [x[None] for b in calib_batches for x in b.detach().float().cpu().numpy()]
-        if not images:
-            raise UserError("openvino-int8 needs calibration images: the calibration set is empty")
-        fix = OverflowFix.DISABLE if full_range_weights else OverflowFix.ENABLE
-        nncf.set_log_level(logging.WARNING)  # its INFO lines go to stdout, which --json keeps for the report
-        with contextlib.redirect_stdout(sys.stderr):  # and so do its progress bars
-            ov_model = nncf.quantize(
-                ov_model, nncf.Dataset(images), preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
-                ignored_scope=nncf.IgnoredScope(patterns=float_scope(proto), validate=False),
-                advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fix))
-        ov_meta = {**ov_meta, "precision": "int8", "quantizer": f"nncf {nncf.__version__}",
-                   "weight_code_bits": 8 if full_range_weights else 7,
-                   "calibration_images": len(images)}
-    ov_meta = {**ov_meta, "runtime": "openvino", "openvino": ov.__version__}
+        extra.update(precision="int8", weight_code_bits=8 if full_range_weights else 7, calibration_images=len(images))
+    ov_meta = {**ov_meta, **extra, "runtime": "openvino", "openvino": ov.__version__}
     ov_model.set_rt_info(json.dumps(ov_meta), [META_KEY])
     return save_ir(ov_model, out)

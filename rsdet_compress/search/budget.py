@@ -1,7 +1,8 @@
 """Resource budgets of a search: "8x smaller weights", "BOPs / 50", as fractions of the float model.
 
 ``Budget.parse(["size=0.125", "bops=0.02"])`` -> every candidate must cost at
-most 12.5% of the float model's weight storage and 2% of its BOPs.
+most 12.5% of the float model's weight storage and 2% of its BOPs;
+``latency=0.33``: a third of the float model's latency (measured per layer).
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 from rsdet_compress.compress.cost import Cost
 from rsdet_compress.errors import UserError
 
-#: budget name -> Cost attribute it bounds (and the per-layer key of ``Cost.per_layer``).
-METRICS = {"size": "weight_bits", "bops": "bops", "flops": "flops"}
-PER_LAYER = {"size": "weight_bits", "bops": "bops", "flops": "macs"}
+#: budget name -> Cost attribute it bounds (and the per-layer key of ``Cost.per_layer``). ``latency`` is the
+#: float model's latency on this machine's runtime, predicted from a measured table (search.latency_cost).
+METRICS = {"size": "weight_bits", "bops": "bops", "flops": "flops", "latency": "latency_ms"}
+PER_LAYER = {"size": "weight_bits", "bops": "bops", "flops": "macs", "latency": "latency_ms"}
 
 
 @dataclass(frozen=True)

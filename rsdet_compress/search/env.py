@@ -102,12 +102,16 @@ class CompressEnv:
 
     def __init__(self, view, scores: dict[str, torch.Tensor], budget: Budget,
                  evaluate: Callable[[Policy], dict], reward: Callable[[float, dict], float],
-                 metric: str = "map50", config: EnvConfig | None = None, criterion: str = DEFAULT_CRITERION):
+                 metric: str = "map50", config: EnvConfig | None = None, criterion: str = DEFAULT_CRITERION,
+                 estimate_fn: Callable[..., Cost] = estimate):
         self.view, self.budget, self.evaluate_fn, self.reward_fn = view, budget, evaluate, reward
+        #: ``estimate(view, policy, per_layer)``: the analytic cost, or with a latency budget the cost plus the
+        #: latency predicted from the measured table
+        self.estimate = estimate_fn
         self.metric, self.cfg, self.criterion = metric, config or EnvConfig(), criterion
         if self.cfg.mode not in ("joint", "prune", "quant"):
             raise UserError(f"unknown environment mode {self.cfg.mode!r}")
-        self.ref = estimate(view)
+        self.ref = self.estimate(view)
         self.order = {g: torch.argsort(s, descending=True, stable=True).tolist() for g, s in scores.items()}
         self.scores = {g: s.numpy() for g, s in scores.items()}
         self.own_importance = {n: view.model.get_submodule(n).weight.detach().abs().flatten(1).sum(1).numpy()
@@ -260,10 +264,10 @@ class CompressEnv:
         return self.budget.met(self._cost(self._cheapest_policy(groups, layers, after=self.t + 1)), self.ref)
 
     def _cost(self, policy: Policy) -> Cost:
-        return estimate(self.view, policy, per_layer=False)
+        return self.estimate(self.view, policy, per_layer=False)
 
     def _tighten(self, policy: Policy, cost: Cost) -> Policy:
-        per = estimate(self.view, policy).per_layer
+        per = self.estimate(self.view, policy).per_layer
         key = PER_LAYER[self.budget.primary]
         for name in sorted(policy.layers, key=lambda n: -per.get(n, {}).get(key, 0)):
             bits = policy.layers[name]["weight_bits"]
@@ -279,7 +283,7 @@ class CompressEnv:
         """Raise bit-widths one step at a time, layer by layer (cheapest first, round-robin so the agent's relative
         allocation is kept), while every budget limit stays met. Costs are linear in the bits of a layer, so the
         change is computed from the layer's per-bit cost; ``finish`` re-checks with the exact estimate."""
-        per = estimate(self.view, policy).per_layer
+        per = self.estimate(self.view, policy).per_layer
         slack = {m: lim * getattr(self.ref, METRICS[m]) - getattr(cost, METRICS[m]) for m, lim in self.budget.limits}
         unit = {}
         for name in policy.layers:
@@ -287,7 +291,9 @@ class CompressEnv:
             if not p or not p["out_channels"]:
                 continue
             n_w = (p["in_channels"] // p["groups"]) * math.prod(self.view.layers[name].kernel)
-            unit[name] = {"size": n_w, "bops": p["macs"] / p["out_channels"] * p["act_bits"], "flops": 0.0}
+            # bit-widths change neither FLOPs nor latency (<= 8 bits all run as int8)
+            unit[name] = {"size": n_w, "bops": p["macs"] / p["out_channels"] * p["act_bits"], "flops": 0.0,
+                          "latency": 0.0}
         order = sorted(unit, key=lambda n: per[n][PER_LAYER[self.budget.primary]])
         changed = True
         while changed:
@@ -334,7 +340,7 @@ class CompressEnv:
         cheapest = self._cheapest_policy(after=self.t)
         key = self.budget.primary
         limit = dict(self.budget.limits)[key]
-        per = estimate(self.view, decided).per_layer
+        per = self.estimate(self.view, decided).per_layer
         used = sum(per[n][PER_LAYER[key]] for n in self.steps[:self.t] if n in per) / self._ref_total(key)
         floor = self.budget.usage(self._cost(cheapest), self.ref)[key]
         dynamic = [self.t / max(1, len(self.steps) - 1), min(1.0, used), min(1.0, max(0.0, limit - floor) / limit),

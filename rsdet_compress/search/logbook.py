@@ -46,6 +46,8 @@ def candidate_record(cand, group_sizes: dict[str, int], stage: str = "") -> dict
                "bops_ratio": cand.ratios["bops"], "flops_ratio": cand.ratios["flops"],
                "eval_seconds": cand.metrics.get("eval_seconds", cand.seconds),
                **{k: cand.metrics[k] for k in ("recover_seconds", "output_error") if k in cand.metrics},
+               **({"latency_ms": cand.cost.latency_ms, "latency_ratio": cand.ratios["latency"]}
+                  if "latency" in cand.ratios else {}),
                **{f"usage.{k}": v for k, v in cand.usage.items()}}
     params = {"episode": cand.episode, "stage": stage or "search",
               "mean_weight_bits": round(sum(bits) / len(bits), 3) if bits else FLOAT_BITS,

@@ -25,9 +25,11 @@ from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.detectors.checkpoint import check_classes
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.latency_table import RUNTIMES, LatencyTable
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import CompressEnv, EnvConfig
 from rsdet_compress.search.evaluation import RECOVERY, CandidateEvaluator, fast_recovery, train_subsets
+from rsdet_compress.search.latency_cost import LatencyCost, measure_model_ms
 from rsdet_compress.search.logbook import Logbook, candidate_record
 from rsdet_compress.search.report import plot_searches, summary_row
 from rsdet_compress.search.rewards import get_reward
@@ -85,6 +87,10 @@ class SearchConfig:
     experiment: str = DEFAULT_EXPERIMENT
     #: "cpu", "cuda"... where candidates are evaluated
     device: str = "cpu"
+    #: with a latency budget: the CPU runtime the latency is measured on (runtime.latency_table.RUNTIMES)
+    latency_runtime: str = "onnxruntime"
+    #: with a latency budget: CPU threads of the measurement (None: all; the deployment's own count is best)
+    latency_threads: int | None = None
 
 
 @dataclass
@@ -119,10 +125,21 @@ def _check(cfg: SearchConfig) -> Budget:
             raise UserError(f"{flag} must be >= 1, got {n}")
     if cfg.channel_multiple < 1:
         raise UserError(f"--channel-multiple must be >= 1, not {cfg.channel_multiple}")
+    if cfg.latency_runtime not in RUNTIMES:
+        raise UserError(f"unknown --latency-runtime {cfg.latency_runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if cfg.latency_threads is not None and cfg.latency_threads < 1:
+        raise UserError(f"--latency-threads must be >= 1, got {cfg.latency_threads}")
     if not cfg.weights or not Path(cfg.weights).is_file():
         raise UserError(f"{cfg.weights or '--weights'}: weights file not found")
     load_data_config(cfg.data)
     return Budget.parse(cfg.budget)
+
+
+def latency_cost(ws: Workspace, cfg: SearchConfig) -> LatencyCost:
+    """The latency-annotated cost of a latency budget: the table for this machine, the float model timed once."""
+    table = LatencyTable(cfg.latency_runtime, cfg.latency_threads)
+    float_ms = measure_model_ms(ws.view.model, ws.meta, int(ws.view.imgsz), table.runtime, table.threads)
+    return LatencyCost(ws.view, table, float_ms)
 
 
 def search(config: SearchConfig | None = None, resume: str | None = None, progress: bool = True,
@@ -158,10 +175,11 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     recovery = fast_recovery(cfg.recover_iters) if cfg.recover == "fast" else None
     evaluator = CandidateEvaluator(ws, calib, reward_set, device=cfg.device, recovery=recovery)
     reward_fn = get_reward(cfg.reward)
+    cost_fn = latency_cost(ws, cfg) if "latency" in budget.as_dict() else estimate
 
     def make_env(env_cfg: EnvConfig, which) -> CompressEnv:
         b = budget.scaled(0.5) if which == "half" else budget
-        return CompressEnv(ws.view, scores, b, evaluator, reward_fn, cfg.metric, env_cfg, cfg.criterion)
+        return CompressEnv(ws.view, scores, b, evaluator, reward_fn, cfg.metric, env_cfg, cfg.criterion, cost_fn)
 
     env_cfg = EnvConfig(act_bits=cfg.act_bits, max_sparsity=cfg.max_sparsity, channel_multiple=cfg.channel_multiple)
     searcher = make_searcher(cfg.agent, make_env, cfg.episodes, cfg.seed, env_cfg)
@@ -187,7 +205,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     out_dir = _state_dir(run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     forward_s = evaluator.forward_seconds()
-    ref = estimate(ws.view)
+    ref = cost_fn(ws.view)
 
     bar = _progress(cfg.episodes, start, progress)
     t0 = time.perf_counter() - wall0

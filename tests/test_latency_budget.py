@@ -1,0 +1,90 @@
+"""Latency as a search budget: the measured per-layer table, its prediction, and a search held to it."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rsdet_compress.compress.compressor import Workspace
+from rsdet_compress.compress.policy import Policy
+from rsdet_compress.errors import UserError
+from rsdet_compress.runtime.latency_table import ConvShape, LatencyTable
+from rsdet_compress.search import latency_cost as lc
+from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.latency_cost import LatencyCost, layer_shapes
+from rsdet_compress.search.runner import SearchConfig, search
+
+
+class MacsTable(LatencyTable):
+    """A table whose "measurement" is 1 ms per 10 MMACs (+ 0.5x for int8): deterministic and instant."""
+
+    def measure(self, shape: ConvShape) -> float:
+        macs = shape.out_c * shape.in_c // shape.groups * shape.kernel ** 2 * (shape.h // shape.stride) * (
+            shape.w // shape.stride)
+        return macs / 1e7 * (0.5 if shape.int8 else 1.0)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_table_measures_once_and_reads_back(runtime, tmp_path, one_thread):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    path = tmp_path / "t.json"
+    table = LatencyTable(runtime, threads=1, runs=3, path=path)
+    fp32 = ConvShape(32, 64, 3, 1, 1, 40, 40, False)
+    int8 = ConvShape(32, 64, 3, 1, 1, 40, 40, True)
+    a, b = table(fp32), table(int8)
+    assert a > 0 and b > 0 and table.measured == 2 and table(fp32) == a and table.measured == 2
+    again = LatencyTable(runtime, threads=1, path=path)
+    assert again(fp32) == a and again(int8) == b and again.measured == 0  # from the file, not re-measured
+    assert json.loads(path.read_text())["runtime"] == runtime
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="t.json: not a latency table"):
+        LatencyTable(runtime, threads=1, path=path)
+    with pytest.raises(UserError, match="unknown latency runtime 'tvm'"):
+        LatencyTable("tvm")
+
+
+def test_prediction_is_the_float_latency_at_float_and_less_when_pruned(trained_yolov8n, tmp_path):
+    ws = Workspace.from_weights(trained_yolov8n)
+    view = ws.view
+    cost_fn = LatencyCost(view, MacsTable(path=tmp_path / "t.json"), float_ms=50.0)
+    ref = cost_fn(view)
+    assert ref.latency_ms == pytest.approx(50.0)  # the rest term makes the float prediction the measured value
+    assert all("latency_ms" in ref.per_layer[n] for n in layer_shapes(view, ref))
+    half = Policy(detector=view.detector, imgsz=view.imgsz, groups={g: {"keep": 0.5} for g in view.groups})
+    quant = Policy(detector=view.detector, imgsz=view.imgsz,
+                   layers={n: {"weight_bits": 4, "act_bits": 8} for n in view.quantizable})
+    pruned, q = cost_fn(view, ws.resolve(half)), cost_fn(view, quant)
+    assert pruned.latency_ms < ref.latency_ms and q.latency_ms < ref.latency_ms
+    assert any(s.int8 for s in layer_shapes(view, q).values())
+    assert cost_fn(view, quant).ratios(ref)["latency"] == pytest.approx(ref.latency_ms / q.latency_ms)
+    assert cost_fn.scale < 1 and cost_fn.rest_ms == 0  # isolated convs add up to more than the whole: scaled
+    slow = LatencyCost(view, cost_fn.table, float_ms=1e5)  # convs are a part of it: the rest is a constant
+    assert slow.scale == 1 and slow.rest_ms > 0 and slow(view).latency_ms == pytest.approx(1e5)
+    assert 0 < slow(view, ws.resolve(half)).latency_ms < 1e5
+
+
+def test_search_under_a_latency_budget_meets_it_by_the_table(trained_yolov8n, small_airbus, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setattr(lc, "measure_model_ms", lambda *a, **k: 40.0)
+    from rsdet_compress.search import runner
+    monkeypatch.setattr(runner, "LatencyTable", lambda runtime, threads: MacsTable(runtime, threads,
+                                                                                   path=tmp_path / "t.json"))
+    monkeypatch.setattr(runner, "measure_model_ms", lambda *a, **k: 40.0)
+    cfg = SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="ajpq", episodes=2, seed=0,
+                       calib_images=4, reward_images=8, budget=["latency=0.6"])
+    r = search(cfg, progress=False)
+    assert r.candidates and all(c["metrics"]["usage.latency"] <= 0.6 + 1e-9 for c in r.candidates)
+    assert all(c["metrics"]["latency_ms"] <= 0.6 * 40.0 + 1e-6 for c in r.candidates)
+    assert r.best["metrics"]["latency_ratio"] >= 1 / 0.6 - 1e-6
+    assert Budget.parse(["latency=1/3"]).as_dict() == {"latency": pytest.approx(1 / 3)}
+
+
+def test_bad_latency_settings_fail_fast(trained_yolov8n, small_airbus):
+    base = dict(weights=str(trained_yolov8n), data=str(small_airbus), budget=["latency=0.5"])
+    with pytest.raises(UserError, match="unknown --latency-runtime 'tvm'"):
+        search(SearchConfig(**base, latency_runtime="tvm"), progress=False)
+    with pytest.raises(UserError, match="--latency-threads must be >= 1"):
+        search(SearchConfig(**base, latency_threads=0), progress=False)
+    assert os.environ.get("RSDET_RUNS")  # the tables of the searches above went to the test's own runs folder
