@@ -21,6 +21,10 @@ the load average at the start is written into the table):
 Columns: mAP50 and AP50 per class on ``--split``, file MB, median and p90 ms at each batch,
 speed-up against fp32 onnxruntime and against fp32 on the same runtime. Artifacts are kept
 under $RSDET_RUNS/bench/runtime/<weights stem>/ and reused; latency is measured afresh.
+The latency table of ``search --budget latency=...`` (runtime/latency_table.py) is checked in
+the same run: its batch-1 prediction for each ``--compressed`` policy on each runtime, from
+this run's fp32 latency, against the measured int8 file (onnx-int8 on onnxruntime, the
+onnx-int8 QDQ graph on OpenVINO, boxes decoded in the graph).
 Writes benchmarks/results/<--out>.{md,json}.
 """
 from __future__ import annotations
@@ -36,13 +40,17 @@ import onnx
 
 from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.calibration import calibration_set, image_batches
+from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.engine.latency import LatencyConfig, benchmark, machine
 from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.export.exporter import export
 from rsdet_compress.export.onnx import INPUT_NAME, post_conv_nodes
 from rsdet_compress.export.openvino import require_nncf, save_ir
+from rsdet_compress.runtime.checkpoint import load_detector
+from rsdet_compress.runtime.latency_table import LatencyTable
 from rsdet_compress.runtime.onnx_meta import META_KEY, read_meta
 from rsdet_compress.runtime.openvino import require_openvino
+from rsdet_compress.search.latency_cost import LatencyCost
 from rsdet_compress.settings import runs_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +135,27 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
     return rows
 
 
+def predictions(args, rows: list[dict], threads: int | None) -> list[dict]:
+    """The latency table's batch-1 prediction of each compressed policy against its measured int8 file."""
+    ws = Workspace.from_weights(args.weights)
+    fp32 = {r["runtime"]: r["latency"]["1"]["median_ms"] for r in rows if r["name"] == "fp32"}
+    measured = {"onnxruntime": ": onnx-int8", "openvino": ": openvino-int8, onnx-int8 QDQ (our ranges)"}
+    out = []
+    for spec in args.compressed:
+        name, _, path = spec.partition("=")
+        policy = load_detector(path)[0].policy
+        for runtime, suffix in measured.items():
+            got = next((r for r in rows if r["name"] == name + suffix), None)
+            if got is None or runtime not in fp32:
+                continue
+            table = LatencyTable(runtime, threads)
+            pred = LatencyCost(ws.view, table, fp32[runtime])(ws.view, policy).latency_ms
+            meas = got["latency"]["1"]["median_ms"]
+            out.append({"policy": name, "runtime": runtime, "predicted_ms": pred, "measured_ms": meas,
+                        "error": pred / meas - 1, "table": str(table.path), "measured_now": table.measured})
+    return out
+
+
 def markdown(rows: list[dict], batches: tuple[int, ...], header: str) -> str:
     classes = list(rows[0]["ap50"])
     cols = ["model", "runtime", "mAP50", *[f"AP50 {c}" for c in classes], "MB"]
@@ -187,11 +216,21 @@ def main() -> None:
               f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, onnxruntime {info['onnxruntime']}, "
               f"openvino {info.get('openvino')}; {args.runs} runs after 5 warm-up per row, all rows in one run; "
               f"load average at the start {load[0]:.2f} / {load[1]:.2f} (1 / 5 min)\n\nCommand: `{command}`")
+    if 1 in batches and args.compressed:
+        preds = predictions(args, rows, args.threads)
+        table = ["", "Latency table (search --budget latency): predicted vs measured, batch 1", "",
+                 "| policy | runtime | predicted ms | measured ms | error |", "|---|---|---|---|---|"]
+        table += [f"| {p['policy']} | {p['runtime']} | {p['predicted_ms']:.2f} | {p['measured_ms']:.2f} | "
+                  f"{100 * p['error']:+.1f}% |" for p in preds]
+    else:
+        preds, table = [], []
+    text = markdown(rows, batches, header) + "\n".join(table) + ("\n" if table else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text(RESULTS / f"{args.out}.md", markdown(rows, batches, header))
+    write_text(RESULTS / f"{args.out}.md", text)
     write_text(RESULTS / f"{args.out}.json", json.dumps({"machine": info, "load_average": load, "rows": rows,
-                                                           "command": command}, indent=2, default=float))
-    print(markdown(rows, batches, header))
+                                                           "latency_table": preds, "command": command},
+                                                          indent=2, default=float))
+    print(text)
 
 
 if __name__ == "__main__":
