@@ -87,7 +87,7 @@ def test_compressed_ir_fp32_and_nncf_int8_keep_map_via_cli(compressed, small_air
     reports = {r["format"]: r for r in json.loads(capsys.readouterr().out)["artifacts"]}
     fp, q = reports["openvino"], reports["openvino-int8"]
     assert fp["torch_map50"] > 0.1
-    # our own activation ranges ride in the fp32 IR as FakeQuantize (OpenVINO runs them in int8)
+    # our own activation ranges ride in the fp32 IR as FakeQuantize
     assert fp["passed"] and abs(fp["dmap50"]) <= ONNX_QDQ_TOLERANCE
     assert _ops(fp["path"])["FakeQuantize"] > 0
     assert q["passed"] and abs(q["dmap50"]) <= INT8_TOLERANCE and q["calib_images"] == 16

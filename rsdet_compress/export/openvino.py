@@ -5,15 +5,17 @@ physically pruned convs, weights on the policy's grid baked in as fp32), so both
 runtimes run the same network:
 
 * ``openvino``: that graph as it is. A compressed model's calibrated activation
-  quantizers are its QDQ nodes, which OpenVINO turns into FakeQuantize and runs in
-  int8 where its kernels can: our own ranges and bit-widths.
-* ``openvino-int8``: the float graph (weights baked, no activation QDQ) quantized by
+  quantizers are its QDQ nodes, which become FakeQuantize on fp32 weights: the same
+  numbers as PyTorch, not int8 kernels (those need quantized weights too: ``openvino-int8``).
+* ``openvino-int8``: by default the float graph (weights baked, no activation QDQ) quantized by
   NNCF (``nncf.quantize``: MinMax-style ranges on calibration chips, int8 per-channel
   weights, the ``mixed`` preset: symmetric weights, asymmetric activations), as
   ultralytics' ``export(format="openvino", int8=True)`` does. The box decoding after
   the head's convs stays float (the same nodes ``onnx-int8`` leaves out), and weight
   codes stay within 7 bits unless ``full_range_weights`` (NNCF's overflow fix:
-  CPUs without VNNI saturate int16 accumulations, as for onnxruntime).
+  CPUs without VNNI saturate int16 accumulations, as for onnxruntime). With
+  ``quantizer="onnxruntime"`` it is the ``onnx-int8`` QDQ graph converted instead: a
+  compressed model's own activation ranges, the rest calibrated by onnxruntime.
 
 Our metadata rides in the IR's runtime info (:data:`META_KEY`); the two files
 (``.xml`` + ``.bin``) are written into a temporary folder and moved in with the
