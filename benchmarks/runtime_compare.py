@@ -44,25 +44,18 @@ from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.engine.latency import LatencyConfig, benchmark, machine
 from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.export.exporter import export
-from rsdet_compress.export.onnx import INPUT_NAME, post_conv_nodes
-from rsdet_compress.export.openvino import require_nncf, save_ir
+from rsdet_compress.export.onnx import INPUT_NAME, set_meta
+from rsdet_compress.export.openvino import float_scope, require_nncf, save_ir
 from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.runtime.latency_table import LatencyTable
 from rsdet_compress.runtime.onnx_meta import META_KEY, read_meta
-from rsdet_compress.runtime.openvino import require_openvino
+from rsdet_compress.runtime.openvino import bin_path, require_openvino
 from rsdet_compress.search.latency_cost import LatencyCost
 from rsdet_compress.settings import runs_root
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 WORK = runs_root() / "bench" / "runtime"
-
-
-def _with_meta(proto: onnx.ModelProto, meta: dict) -> None:
-    for p in list(proto.metadata_props):
-        if p.key == META_KEY:
-            proto.metadata_props.remove(p)
-    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
 
 
 def ort_default_int8(fp32_onnx: Path, out: Path, calib) -> Path:
@@ -80,7 +73,7 @@ def ort_default_int8(fp32_onnx: Path, out: Path, calib) -> Path:
     if not out.is_file():
         quantize_static(str(fp32_onnx), str(out), Reader())
         proto = onnx.load(str(out))
-        _with_meta(proto, {**read_meta(onnx.load(str(fp32_onnx))), "precision": "int8 (onnxruntime defaults)"})
+        set_meta(proto, {**read_meta(onnx.load(str(fp32_onnx))), "precision": "int8 (onnxruntime defaults)"})
         onnx.save(proto, str(out))
     return out
 
@@ -90,7 +83,7 @@ def nncf_default_int8(fp32_onnx: Path, out: Path, calib) -> Path:
     ov, nncf = require_openvino(), require_nncf()
     if not out.is_file():
         model = ov.convert_model(str(fp32_onnx))
-        scope = [re.escape(n) + "(/.*)?$" for n in post_conv_nodes(onnx.load(str(fp32_onnx)))]
+        scope = float_scope(onnx.load(str(fp32_onnx)))
         images = [b.numpy() for b in image_batches(calib, 1)]
         model = nncf.quantize(model, nncf.Dataset(images), preset=nncf.QuantizationPreset.MIXED,
                               subset_size=len(images), ignored_scope=nncf.IgnoredScope(patterns=scope, validate=False))
@@ -198,7 +191,7 @@ def main() -> None:
     rows = []
     for name, runtime, path in made:
         m = evaluate(path, args.data, split=args.split)
-        size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+        size = path.stat().st_size + (bin_path(path).stat().st_size if path.suffix == ".xml" else 0)
         lat = {}
         for b in batches:
             r = by[(str(path), b)]

@@ -25,7 +25,7 @@ import torch
 from rsdet_compress.engine.scorer import check_imgsz
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.loader import OnnxDetector, load_model
-from rsdet_compress.runtime.openvino import OV_SUFFIX, OpenVinoDetector
+from rsdet_compress.runtime.openvino import OV_SUFFIX, OpenVinoDetector, bin_path
 
 #: devices a benchmark can time on
 DEVICES = ("cpu", "cuda")
@@ -168,7 +168,7 @@ def _measure_openvino(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
     for b in cfg.batches:
         x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed))
         t = time_fn(lambda det=det, x=x: det(x), cfg.runs, cfg.warmup)  # the request, and a host decode
-        size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+        size = path.stat().st_size + bin_path(path).stat().st_size
         rows.append(LatencyRow(str(path), "openvino", "cpu", b, imgsz, size_bytes=size,
                                extra=_artifact_info(det.meta), **summarize(t, b)))
     return rows

@@ -180,7 +180,7 @@ def onnx_meta(model: nn.Module, meta: dict, imgsz: int, precision: str, act_qdq:
             **(decode_meta(detect_head(model)) if decode == "host" else {"decode": "graph"})}
 
 
-def _set_meta(model: onnx.ModelProto, meta: dict) -> None:
+def set_meta(model: onnx.ModelProto, meta: dict) -> None:
     for p in list(model.metadata_props):
         if p.key == META_KEY:
             model.metadata_props.remove(p)
@@ -222,7 +222,7 @@ def export_module(model: nn.Module, meta: dict, out: str | Path, imgsz: int, ops
                               output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True)
         proto = onnx.load(str(raw))
     _qdq_constants_to_initializers(proto)
-    _set_meta(proto, onnx_meta(model, meta, imgsz, "fp32", act_qdq and _has_act_quant(model), source, decode))
+    set_meta(proto, onnx_meta(model, meta, imgsz, "fp32", act_qdq and _has_act_quant(model), source, decode))
     return _save_checked(proto, out)
 
 
@@ -371,7 +371,7 @@ def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable,
         finally:
             logging.getLogger().removeFilter(quiet)
         proto = onnx.load(str(q))
-    _set_meta(proto, {**meta, "precision": "int8", "per_channel": per_channel,
+    set_meta(proto, {**meta, "precision": "int8", "per_channel": per_channel,
                       "weight_code_bits": 8 if full_range_weights else 7,
                       "calibration_batches": reader.count})
     return _save_checked(proto, out)

@@ -27,7 +27,7 @@ from torch import nn
 from rsdet_compress.compress.cost import Cost, estimate
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.compress.quant import FLOAT_BITS
-from rsdet_compress.engine.latency import time_fn
+from rsdet_compress.engine.latency import summarize, time_fn
 from rsdet_compress.export.onnx import export_module, quantize_int8
 from rsdet_compress.export.openvino import export_openvino
 from rsdet_compress.runtime.latency_table import ConvShape, LatencyTable
@@ -62,8 +62,7 @@ def measure_model_ms(model: nn.Module, meta: dict, imgsz: int, runtime: str, thr
             if calib_batches is not None:
                 path = quantize_int8(path, Path(tmp) / "q.onnx", calib_batches)
             det = OnnxDetector(path, threads=threads)
-        times = time_fn(lambda: det(x), runs, warmup=3)
-    return sorted(times)[len(times) // 2]
+        return summarize(time_fn(lambda: det(x), runs, warmup=3), 1)["median_ms"]
 
 
 class LatencyCost:
