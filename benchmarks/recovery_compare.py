@@ -85,7 +85,8 @@ def interrupted_search(cfg: SearchConfig) -> str | None:
     states = sorted((runs_root() / "search").glob("*/state.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for state_file in states:
         state = load_state(state_file)
-        if state.get("config") == asdict(cfg) and state.get("next_episode", 0) < cfg.episodes:
+        # settings added to SearchConfig after the checkpoint was written take their defaults
+        if {**asdict(cfg), **state.get("config", {})} == asdict(cfg) and state.get("next_episode", 0) < cfg.episodes:
             return state_file.parent.name
     return None
 
