@@ -28,9 +28,12 @@ __all__ = ["UserError", "create_detector", "list_detectors", "prepare", "train",
 
 def __getattr__(name: str):
     """Import heavy submodules (torch, ultralytics) only when their API is used."""
-    if name in ("create_detector", "list_detectors"):
-        from rsdet_compress.detectors import registry
-        return getattr(registry, name)
+    if name == "create_detector":
+        from rsdet_compress.detectors.factory import create_detector
+        return create_detector
+    if name == "list_detectors":
+        from rsdet_compress.detectors.registry import list_detectors
+        return list_detectors
     if name == "load_detector":
         from rsdet_compress.runtime.checkpoint import load_detector
         return load_detector

@@ -24,7 +24,7 @@ from rsdet_compress.cli.main import main
 # Imported now (it imports ultralytics): ultralytics binds its log handler to the sys.stdout of the
 # moment it is first imported; inside a test that would be a capsys stream closed after the test.
 from rsdet_compress.detectors.checkpoint import save_detector
-from rsdet_compress.detectors.registry import create_detector
+from rsdet_compress.detectors.factory import create_detector
 from rsdet_compress.runtime.checkpoint import load_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ from rsdet_compress.compress.importance import importance_scores
 from rsdet_compress.compress.view import CompressibleView
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.detectors.checkpoint import save_detector
-from rsdet_compress.detectors.registry import create_detector
+from rsdet_compress.detectors.factory import create_detector
 from rsdet_compress.errors import UserError
 
 torch.set_num_threads(1)

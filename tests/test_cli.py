@@ -54,7 +54,7 @@ def kit4_data(kit4_src: Path, tmp_path_factory) -> Path:
 def checkpoint(kit_names: list[str], tmp_path_factory) -> Path:
     """An untrained yolov8n for the 5 KIT classes, trained-at size 256."""
     from rsdet_compress.detectors.checkpoint import save_detector
-    from rsdet_compress.detectors.registry import create_detector
+    from rsdet_compress.detectors.factory import create_detector
     torch.manual_seed(0)
     model = create_detector("yolov8n", len(kit_names), names=kit_names)
     return save_detector(model, tmp_path_factory.mktemp("ckpt") / "yolov8n-kit.pt", meta={"imgsz": 256})

@@ -16,7 +16,8 @@ from rsdet_compress.compress.policy import Policy, fingerprint, resolve
 from rsdet_compress.compress.quant import QConv2d
 from rsdet_compress.compress.view import CompressibleView
 from rsdet_compress.detectors.checkpoint import save_detector
-from rsdet_compress.detectors.registry import create_detector, list_detectors
+from rsdet_compress.detectors.factory import create_detector
+from rsdet_compress.detectors.registry import list_detectors
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
 

@@ -10,7 +10,7 @@ import torch
 from rsdet_compress.cli.main import main
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.detectors.checkpoint import save_detector
-from rsdet_compress.detectors.registry import create_detector
+from rsdet_compress.detectors.factory import create_detector
 from rsdet_compress.runtime.checkpoint import load_detector
 
 torch.set_num_threads(1)

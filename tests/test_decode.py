@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from rsdet_compress.compress.calibration import calibration_set
-from rsdet_compress.detectors.registry import create_detector, list_detectors
+from rsdet_compress.detectors.factory import create_detector
+from rsdet_compress.detectors.registry import list_detectors
 from rsdet_compress.errors import UserError
 from rsdet_compress.export.exporter import INT8_TOLERANCE, export
 from rsdet_compress.export.onnx import export_module

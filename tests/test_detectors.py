@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from rsdet_compress.detectors.checkpoint import save_detector
-from rsdet_compress.detectors.registry import create_detector, list_detectors
+from rsdet_compress.detectors.factory import create_detector
+from rsdet_compress.detectors.registry import list_detectors
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
 
@@ -50,7 +51,7 @@ def _eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_registry_lists_the_shipped_detectors():
-    assert {"skynet", "yolov8n", "yolo11n"} <= set(ALL)
+    assert {"skynet", "yolov8n", "yolov8s", "yolov8m", "yolo11n", "yolo11s", "yolo11m", "yolov8n-p2"} <= set(ALL)
     assert ALL == sorted(ALL)
 
 
@@ -272,10 +273,27 @@ def test_load_unknown_detector_in_checkpoint(tmp_path):
     assert str(p) in str(e.value)
 
 
-def test_save_requires_detector_name(tmp_path):
-    from ultralytics.nn.tasks import DetectionModel
+def test_unregistered_ultralytics_yaml_round_trips_through_its_stored_architecture(tmp_path, x):
+    """A YOLO detect YAML the registry does not know (P6 head) saves its description and rebuilds from it."""
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+    torch.manual_seed(0)
+    model = DetectionModel({**yaml_model_load("yolov8n-p6.yaml"), "nc": NC}, nc=NC, verbose=False).eval()
+    assert "yolov8n-p6" not in ALL
+    p = save_detector(model, tmp_path / "p6.pt")
+    ckpt = torch.load(p, weights_only=True)
+    assert ckpt["detector"] == "yolov8n-p6" and ckpt["arch"]["head"] == model.yaml["head"]
+    again, meta = load_detector(p)
+    assert meta["detector"] == "yolov8n-p6"
+    assert len(again.stride) == 4, "the P6 head's four output scales"
+    assert torch.equal(_eval_out(model, x), _eval_out(again, x))
+
+
+def test_save_requires_a_buildable_description(tmp_path):
+    """Neither a registered name nor an ultralytics YAML: nothing could rebuild it, so nothing is written."""
+    model = create_detector("skynet", NC)
+    model.detector_name = None
     with pytest.raises(ValueError, match="detector_name"):
-        save_detector(DetectionModel("yolov8n.yaml", nc=NC, verbose=False), tmp_path / "x.pt")
+        save_detector(model, tmp_path / "x.pt")
     assert not list(tmp_path.iterdir())
 
 

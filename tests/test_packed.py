@@ -19,7 +19,7 @@ from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.compress.quant import QConv2d, fake_quant_weight
 from rsdet_compress.detectors.checkpoint import save_detector
-from rsdet_compress.detectors.registry import create_detector
+from rsdet_compress.detectors.factory import create_detector
 from rsdet_compress.errors import UserError
 from rsdet_compress.export import packed as packed_mod
 from rsdet_compress.export.packed import pack_codes, save_packed

@@ -112,7 +112,7 @@ def test_bad_input_fails_fast(trained_yolov8n: Path, small_airbus: Path, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     from rsdet_compress.detectors.checkpoint import save_detector
-    from rsdet_compress.detectors.registry import create_detector
+    from rsdet_compress.detectors.factory import create_detector
     other = save_detector(create_detector("skynet", 3), tmp_path / "three_classes.pt", {"imgsz": 320})
     capsys.readouterr()
     assert main(["search", "--weights", str(tmp_path / "nope.pt"), "--data", str(small_airbus), "--quiet"]) == 2

@@ -7,7 +7,8 @@ import torch
 
 from rsdet_compress.compress.importance import importance_scores
 from rsdet_compress.compress.view import CompressibleView
-from rsdet_compress.detectors.registry import create_detector, list_detectors
+from rsdet_compress.detectors.factory import create_detector
+from rsdet_compress.detectors.registry import list_detectors
 from rsdet_compress.errors import UserError
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import BITS, STATE_DIM, CompressEnv, EnvConfig, bits_for

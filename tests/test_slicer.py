@@ -246,7 +246,7 @@ def test_reader_stretches_16bit_single_band(tmp_path):
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory) -> Path:
     from rsdet_compress.detectors.checkpoint import save_detector
-    from rsdet_compress.detectors.registry import create_detector
+    from rsdet_compress.detectors.factory import create_detector
     model = create_detector("yolov8n", 1, names=["thing"])
     return save_detector(model, tmp_path_factory.mktemp("ckpt") / "y.pt", meta={"imgsz": 320})
 

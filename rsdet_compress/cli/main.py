@@ -247,6 +247,11 @@ def _print_evaluation(r: dict, args) -> None:
         print(f"  AP {name:20} 50: {'n/a' if a50 is None else f'{a50:.4f}'}  "
               f"50-95: {'n/a' if a is None else f'{a:.4f}'}")
     print(f"  params {r['params']}  GFLOPs {r['gflops']}", flush=True)
+    if "ratios" in r:
+        x = r["ratios"]
+        print(f"  size {r['size_mb']:.3f} MB (float {r['float_size_mb']:.3f} MB) | vs float: "
+              f"{x['size']:.2f}x smaller, {x['flops']:.2f}x fewer FLOPs, {x['bops']:.2f}x fewer BOPs, "
+              f"{x['params']:.2f}x fewer params", flush=True)
 
 
 def _run_predict(args) -> None:

@@ -1,7 +1,9 @@
-"""The dataset YAML that ``data prepare`` writes (and ultralytics reads), checked up front.
+"""The dataset YAML: the one ``data prepare`` writes, or any ultralytics data YAML, checked up front.
 
 Checking here, before ultralytics sees it, turns "dataset not found, trying
-to download" into one line naming the file and the field.
+to download" into one line naming the file and the field. A YAML without
+``coco:`` ground truth (a plain ultralytics data set) gets it derived from its
+YOLO labels on first use (:mod:`rsdet_compress.data.yolo_coco`).
 """
 from __future__ import annotations
 
@@ -10,15 +12,20 @@ from pathlib import Path
 
 import yaml
 
+from rsdet_compress.atomic import write_text
 from rsdet_compress.data.record import list_images, parse_names
 from rsdet_compress.data.split import SPLITS
+from rsdet_compress.data.yolo_coco import derive_coco
 from rsdet_compress.errors import UserError
 from rsdet_compress.textio import read_text
 
 
 @dataclass
 class DataConfig:
-    """A validated dataset YAML: class names, image folder and COCO ground truth per split."""
+    """A validated dataset YAML: class names, image folder and COCO ground truth per split.
+
+    ``coco`` holds the JSON files the YAML names; splits without one derive theirs from the YOLO labels.
+    """
 
     yaml_path: Path
     names: list[str]
@@ -40,12 +47,23 @@ class DataConfig:
             raise UserError(f"{self.yaml_path}: field '{split}' points at {folder}, which has no images")
         return folder
 
+    def ultralytics_yaml(self, folder: Path) -> Path:
+        """A copy of this YAML for ultralytics' trainer in ``folder``, every split an absolute folder.
+
+        ultralytics resolves a relative ``path:`` against the working directory or its datasets
+        folder, we against the YAML's folder first: given absolute paths, both read the same images.
+        """
+        body = {"path": "", "names": dict(enumerate(self.names)), "nc": len(self.names),
+                **{s: str(p.resolve()) for s, p in self.images.items()}}
+        return write_text(Path(folder) / "data.ultralytics.yaml", yaml.safe_dump(body, sort_keys=False))
+
     def split_coco(self, split: str) -> Path:
-        """COCO ground-truth JSON of ``split`` (written by ``data prepare``)."""
+        """COCO ground-truth JSON of ``split``: the YAML's, or derived from the split's YOLO labels."""
         path = self.coco.get(split)
-        if path is None or not path.is_file():
-            raise UserError(f"{self.yaml_path}: no COCO ground truth for split '{split}' "
-                            "(prepare the data with `rsdet-compress data prepare`)")
+        if path is None:
+            return derive_coco(self.split_images(split), self.names, split, str(self.yaml_path))
+        if not path.is_file():
+            raise UserError(f"{self.yaml_path}: field 'coco.{split}' points at {path}, which does not exist")
         return path
 
 
@@ -65,13 +83,15 @@ def load_data_config(path: str | Path) -> DataConfig:
         raise UserError(f"{path}: field 'names' missing or empty")
     for key in ("path", *SPLITS):
         if data.get(key) is not None and not isinstance(data[key], str):
-            raise UserError(f"{path}: field '{key}' must be one folder path, got {data[key]!r}")
+            raise UserError(f"{path}: field '{key}' must be one folder path, got {data[key]!r} "
+                            "(lists of folders are not supported: give one image folder per split)")
+        if key in SPLITS and isinstance(data.get(key), str) and data[key].endswith(".txt"):
+            raise UserError(f"{path}: field '{key}' is an image list file ({data[key]}); "
+                            "give the split's image folder instead")
     for key, kind in (("coco", dict), ("rsdet", dict)):
         if data.get(key) is not None and not isinstance(data[key], kind):
             raise UserError(f"{path}: field '{key}' must be a mapping, got {data[key]!r}")
-    root = Path(data.get("path") or path.parent)
-    if not root.is_absolute():
-        root = path.parent / root if data.get("path") else root
+    root = _root(path, data.get("path"))
     images = {s: root / data[s] for s in SPLITS if data.get(s)}
     for s in ("train", "val"):
         if s not in images:
@@ -84,3 +104,20 @@ def load_data_config(path: str | Path) -> DataConfig:
     for s in ("train", "val"):
         cfg.split_images(s)
     return cfg
+
+
+def _root(yaml_path: Path, value: str | None) -> Path:
+    """The folder split paths are relative to: ``path:`` (or the YAML's folder when absent).
+
+    A relative ``path:`` is taken from the YAML's folder (what ``data prepare`` writes), else,
+    as ultralytics reads it, from the working directory or ultralytics' datasets folder.
+    """
+    if not value:
+        return yaml_path.parent
+    root = Path(value).expanduser()
+    if root.is_absolute():
+        return root
+    candidates = [yaml_path.parent / root, root]
+    from ultralytics.utils import DATASETS_DIR  # here: importing ultralytics takes seconds, needed only now
+    candidates.append(Path(DATASETS_DIR) / root)
+    return next((c for c in candidates if c.is_dir()), candidates[0])

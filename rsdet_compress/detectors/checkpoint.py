@@ -2,7 +2,10 @@
 
 Our checkpoint is a plain dict of tensors and builtins (loadable with
 ``torch.load(weights_only=True)``), always fp32, carrying the detector name
-so the structure is rebuilt from code, never from a pickled module. A
+and, for ultralytics models, their model YAML as a dict (``arch``,
+:mod:`rsdet_compress.detectors.arch`), so the structure is rebuilt from code
+or that description (any YOLO detect model, registered or not), never from a
+pickled module. A
 compressed model's checkpoint also carries its resolved policy; rebuilding
 that structure needs the compression code, so :func:`load_float_detector`
 (what training and compression start from) refuses it and
@@ -31,7 +34,8 @@ from ultralytics.cfg import DEFAULT_CFG_DICT
 from ultralytics.nn.tasks import DetectionModel, torch_safe_load
 
 from rsdet_compress.atomic import atomic_path
-from rsdet_compress.detectors.registry import DETECTORS, create_detector
+from rsdet_compress.detectors.arch import arch_name, arch_of, check_detect
+from rsdet_compress.detectors.registry import DETECTORS, build_detector
 from rsdet_compress.errors import UserError
 
 CHECKPOINT_FORMAT = "rsdet-compress"
@@ -60,9 +64,11 @@ def save_detector(model: nn.Module, path: str | Path, meta: dict | None = None) 
     """Write ``model`` as an fp32 checkpoint (atomically: temp file, then rename)."""
     path = Path(path)
     names = getattr(model, "names", None) or {}
+    arch = arch_of(model)
     ckpt = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "detector": getattr(model, "detector_name", None),
+        "detector": getattr(model, "detector_name", None) or (arch_name(arch) if arch else None),
+        "arch": arch,
         "num_classes": int(model.model[-1].nc),
         "names": [str(names[i]) for i in sorted(names)],
         "state_dict": {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
@@ -73,7 +79,7 @@ def save_detector(model: nn.Module, path: str | Path, meta: dict | None = None) 
     if policy is not None:  # a compressed model: its structure is rebuilt from the resolved policy
         ckpt["policy"] = policy.to_dict()
     if ckpt["detector"] is None:
-        raise ValueError("model has no detector_name; build it with create_detector()")
+        raise ValueError("model has neither a detector_name nor an ultralytics YAML; build it with build_detector()")
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
     return path
@@ -104,14 +110,20 @@ def read_checkpoint(path: str | Path, trust: bool | None = None) -> dict:
         raise UserError(f"{path}: not an rsdet-compress or ultralytics checkpoint")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise UserError(f"{path}: checkpoint version {ckpt['version']} is newer than this rsdet-compress")
-    if ckpt.get("detector") not in DETECTORS:
-        raise UserError(f"{path}: unknown detector {ckpt.get('detector')!r} in checkpoint")
+    if ckpt.get("detector") not in DETECTORS and not isinstance(ckpt.get("arch"), dict):
+        raise UserError(f"{path}: unknown detector {ckpt.get('detector')!r} in checkpoint, "
+                        "and no architecture description to rebuild it from")
     return ckpt
 
 
 def skeleton(ckpt: dict) -> nn.Module:
-    """The float detector one of our checkpoints was saved from, with fresh weights."""
-    return create_detector(ckpt["detector"], ckpt.get("num_classes"), names=ckpt.get("names"))
+    """The float detector one of our checkpoints was saved from, with fresh weights.
+
+    Rebuilt from its stored architecture when it has one (exactly what was saved, whatever the
+    registry holds now), else from the registered name.
+    """
+    return build_detector(str(ckpt["detector"]), int(ckpt.get("num_classes") or 0), names=ckpt.get("names"),
+                          arch=ckpt.get("arch"))
 
 
 def load_state(model: nn.Module, ckpt: dict, path: str | Path) -> tuple[nn.Module, dict]:
@@ -189,19 +201,27 @@ def _read_ultralytics(path: Path, trust: bool) -> dict:
 
 
 def from_ultralytics(ckpt: dict, path: Path) -> tuple[nn.Module, dict]:
-    """(fp32 model in eval mode, metadata) from a loaded ultralytics checkpoint dict; name from its YAML."""
+    """(fp32 model in eval mode, metadata) from a loaded ultralytics checkpoint dict; name from its YAML.
+
+    Any ultralytics detect model works (any scale, head or class count): its model YAML travels
+    into every checkpoint made from it. Segment / pose / OBB / end-to-end models are refused.
+    """
     model = _ultralytics_module(ckpt)
     if not isinstance(model, DetectionModel):
-        raise UserError(f"{path}: ultralytics checkpoint is not a detection model")
+        kind = type(model).__name__ if model is not None else "no model"
+        raise UserError(f"{path}: ultralytics checkpoint is not a detection model ({kind})")
+    check_detect(model, str(path))
     args = ckpt.get("train_args") if isinstance(ckpt.get("train_args"), dict) else {}
     model = model.float()
     model.args = {**DEFAULT_CFG_DICT, **args}  # what ultralytics' load_checkpoint attaches
     if not hasattr(model, "stride"):
         model.stride = torch.tensor([32.0])
-    stem = Path(str((getattr(model, "yaml", None) or {}).get("yaml_file", "ultralytics"))).stem
-    model.detector_name = stem if stem in DETECTORS else None
+    arch = arch_of(model)
+    if arch is None:
+        raise UserError(f"{path}: ultralytics model carries no model YAML, so its architecture is unknown")
+    model.detector_name = arch_name(arch)
     names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
-    meta = {"detector": model.detector_name or f"ultralytics:{stem}", "num_classes": int(model.model[-1].nc),
+    meta = {"detector": model.detector_name, "num_classes": int(model.model[-1].nc),
             "names": [str(names[i]) for i in sorted(names)], "imgsz": args.get("imgsz"),
             "source": "ultralytics"}
     return model.eval(), meta

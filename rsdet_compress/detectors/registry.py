@@ -1,17 +1,18 @@
 """Detector registry (timm style): every detector the toolkit builds, by name.
 
-``create_detector(name, num_classes, weights)`` builds any registered detector
-from code or its model YAML (nothing is downloaded); ``@register_detector(name)``
-adds one. Reading and writing weights files is :mod:`rsdet_compress.detectors.checkpoint`.
+``build_detector(name, num_classes)`` builds any registered detector from code
+or its model YAML (nothing is downloaded); ``@register_detector(name)`` adds
+one. Reading and writing weights files is :mod:`rsdet_compress.detectors.checkpoint`;
+building with weights, :mod:`rsdet_compress.detectors.factory`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import nn
-from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+from ultralytics.nn.tasks import yaml_model_load
 
+from rsdet_compress.detectors.arch import from_arch
 from rsdet_compress.detectors.skynet import SkyNet
 from rsdet_compress.errors import UserError
 
@@ -31,11 +32,11 @@ def list_detectors() -> list[str]:
     return sorted(DETECTORS)
 
 
-def _from_yaml(cfg: str, num_classes: int) -> nn.Module:
-    # nc set in the spec up front: otherwise ultralytics logs "Overriding model.yaml nc=..." to stdout,
-    # which breaks `evaluate --json` (stdout must be one JSON object).
-    spec = {**yaml_model_load(cfg), "nc": num_classes}
-    return DetectionModel(spec, nc=num_classes, verbose=False)
+def _from_yaml(cfg: str) -> Callable[[int], nn.Module]:
+    """Builder of the ultralytics model YAML ``cfg`` (its scale from the name, e.g. ``yolov8s.yaml``)."""
+    def build(num_classes: int) -> nn.Module:
+        return from_arch(yaml_model_load(cfg), num_classes, source=cfg)
+    return build
 
 
 @register_detector("skynet")
@@ -43,37 +44,30 @@ def skynet(num_classes: int) -> nn.Module:
     return SkyNet(nc=num_classes)
 
 
-@register_detector("yolov8n")
-def yolov8n(num_classes: int) -> nn.Module:
-    return _from_yaml("yolov8n.yaml", num_classes)
+#: the ultralytics YOLO detect models built by name: three scales of each generation (the larger ones
+#: are what users fine-tune on VisDrone or DOTA) and the P2 head for objects of a few pixels. Any other
+#: ultralytics detect YAML still works: checkpoints carry their architecture (detectors.arch).
+ULTRALYTICS_YAMLS = ("yolov8n", "yolov8s", "yolov8m", "yolo11n", "yolo11s", "yolo11m", "yolov8n-p2")
+for _name in ULTRALYTICS_YAMLS:
+    register_detector(_name)(_from_yaml(f"{_name}.yaml"))
 
 
-@register_detector("yolo11n")
-def yolo11n(num_classes: int) -> nn.Module:
-    return _from_yaml("yolo11n.yaml", num_classes)
+def build_detector(name: str, num_classes: int = 80, names: list[str] | None = None,
+                   arch: dict | None = None) -> nn.Module:
+    """Float detector ``name`` for ``num_classes`` classes with fresh weights.
 
-
-def create_detector(name: str, num_classes: int = 80, weights: str | Path | None = None,
-                    names: list[str] | None = None) -> nn.Module:
-    """Build detector ``name`` for ``num_classes`` classes, optionally loading local ``weights``.
-
-    ``weights`` may be one of our float checkpoints (must match exactly) or an
-    ultralytics ``.pt`` (tensors whose shapes match are transferred, as
-    ultralytics does when fine-tuning from a pretrained model).
+    ``arch``, an ultralytics model YAML dict (what checkpoints store, :mod:`.arch`), builds it
+    without the registry, so ``name`` need not be registered. Loading weights is
+    :func:`rsdet_compress.detectors.factory.create_detector`.
     """
-    if name not in DETECTORS:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_detectors())}")
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
-    model = DETECTORS[name](num_classes)
+    if arch is not None:
+        model = from_arch(arch, num_classes, source=name)
+    elif name in DETECTORS:
+        model = DETECTORS[name](num_classes)
+    else:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_detectors())}")
     model.detector_name = name
     model.names = dict(enumerate(names)) if names else {i: str(i) for i in range(num_classes)}
-    if weights is not None:
-        # checkpoint.py builds the models it loads through this registry, so it is imported at call time
-        from rsdet_compress.detectors.checkpoint import load_float_detector
-        src, meta = load_float_detector(weights)
-        if meta.get("detector") == name and meta.get("num_classes") == num_classes:
-            model.load_state_dict(src.state_dict())
-        else:
-            model.load(src, verbose=False)
     return model

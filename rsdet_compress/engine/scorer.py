@@ -72,7 +72,21 @@ def evaluate(weights: str | Path, data: str | Path, split: str = "val", imgsz: i
     metrics = Evaluator(evalset, conf=conf, iou=iou, batch=batch, device=device)(model)
     return {"weights": str(weights), "detector": meta.get("detector"), "split": split, "imgsz": imgsz,
             **metrics, **({"params": None, "gflops": None} if meta.get("runtime") else  # torch cannot count a session
-                          {"params": count_params(model), "gflops": round(gflops(model, imgsz), 3)})}
+                          {"params": count_params(model), "gflops": round(gflops(model, imgsz), 3)}),
+            **compression_report(model)}
+
+
+def compression_report(model) -> dict:
+    """A compressed model's deployed size and how many times smaller / cheaper than its float model.
+
+    Sizes are the policy's exact weight bits (the packed file's payload), FLOPs and BOPs at the
+    policy's input size, as ``evaluate --policy`` and the search report them. Empty for float models.
+    """
+    cost, ref = getattr(model, "cost", None), getattr(model, "float_cost", None)
+    if cost is None or ref is None:
+        return {}
+    return {"size_mb": round(cost.size_mb, 4), "float_size_mb": round(ref.size_mb, 4),
+            "gbops": round(cost.gbops, 3), "ratios": {k: round(v, 3) for k, v in cost.ratios(ref).items()}}
 
 
 def evaluate_policy(weights: str | Path, policy: str | Path, data: str | Path, split: str = "val",

@@ -20,7 +20,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from rsdet_compress.atomic import write_json
 from rsdet_compress.data.config import DataConfig, load_data_config
 from rsdet_compress.detectors.checkpoint import save_detector
-from rsdet_compress.detectors.registry import create_detector
+from rsdet_compress.detectors.factory import create_detector
 from rsdet_compress.engine.augment import REPLACED_HYP, overhead_augmentations
 from rsdet_compress.engine.scorer import check_imgsz, evaluate
 from rsdet_compress.errors import UserError
@@ -155,7 +155,8 @@ class DetectorTrainer(DetectionTrainer):
 
 
 def _overrides(cfg: TrainConfig, data: DataConfig, out: Path) -> dict:
-    o = dict(model=cfg.model, data=str(data.yaml_path), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
+    out.mkdir(parents=True, exist_ok=True)
+    o = dict(model=cfg.model, data=str(data.ultralytics_yaml(out)), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
              optimizer=cfg.optimizer, lr0=cfg.lr0, cos_lr=cfg.cos_lr, warmup_epochs=cfg.warmup_epochs,
              mosaic=cfg.mosaic, close_mosaic=cfg.close_mosaic, patience=cfg.patience, seed=cfg.seed,
              deterministic=True, device=cfg.device, workers=cfg.workers, fraction=cfg.fraction, val=cfg.val,

@@ -28,6 +28,7 @@ from torch import nn
 
 from rsdet_compress.atomic import write_bytes
 from rsdet_compress.compress.quant import FLOAT_BITS, ActQuantizer, QConv2d, quantized_weight
+from rsdet_compress.detectors.arch import arch_of
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.bnfold import fold
 from rsdet_compress.runtime.checkpoint import load_detector
@@ -151,7 +152,7 @@ def save_packed(weights: str | Path, out: str | Path) -> dict:
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give the packed file's path")
     table, payload, counts, folded = _encode(model)
-    header = {"format": FORMAT, "version": VERSION, "detector": meta["detector"],
+    header = {"format": FORMAT, "version": VERSION, "detector": meta["detector"], "arch": arch_of(model),
               "num_classes": int(meta["num_classes"]), "names": meta.get("names"),
               "imgsz": int(model.policy.imgsz), "policy": model.policy.to_dict(),
               "meta": {k: v for k, v in meta.items() if k not in ("detector", "num_classes", "names", "compressed")},

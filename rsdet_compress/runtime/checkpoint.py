@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from rsdet_compress.compress.apply import apply_policy
+from rsdet_compress.compress.cost import estimate
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.compress.view import CompressibleView
 from rsdet_compress.detectors.checkpoint import (
@@ -45,9 +46,16 @@ def load_detector(path: str | Path, trust: bool | None = None) -> tuple[nn.Modul
 
 
 def rebuild_compressed(model: nn.Module, policy_dict: dict, path: Path) -> nn.Module:
-    """The compressed structure (pruned shapes, skipped blocks, quantized convs) for loading its weights."""
+    """The compressed structure (pruned shapes, skipped blocks, quantized convs) for loading its weights.
+
+    The result carries ``cost`` and ``float_cost`` (:func:`~rsdet_compress.compress.cost.estimate` of
+    the policy and of the float ``model`` it was made from), so a loaded compressed model can say
+    how much smaller and cheaper it is without its float weights.
+    """
     policy = Policy.from_dict(policy_dict, source=str(path))
     if any("keep_idx" not in g for g in policy.groups.values()):
         raise UserError(f"{path}: compressed checkpoint carries an unresolved policy")
     view = CompressibleView(model, imgsz=policy.imgsz)
-    return apply_policy(view, policy, share_weights=False)
+    compressed = apply_policy(view, policy, share_weights=False)
+    compressed.float_cost, compressed.cost = estimate(view, per_layer=False), estimate(view, policy, per_layer=False)
+    return compressed

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rsdet_compress.compress.quant import FLOAT_BITS, MAX_INT_BITS, QConv2d, fake_quant_weight
-from rsdet_compress.detectors.registry import DETECTORS, create_detector
+from rsdet_compress.detectors.registry import DETECTORS, build_detector
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.bnfold import folded_state
 from rsdet_compress.runtime.checkpoint import rebuild_compressed
@@ -158,9 +158,11 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
     """
     path = Path(path)
     header, payload = _read(path)
-    if header["detector"] not in DETECTORS:
+    arch = header.get("arch")
+    if header["detector"] not in DETECTORS and not isinstance(arch, dict):
         raise UserError(f"{path}: unknown detector {header['detector']!r} in packed file")
-    model = create_detector(header["detector"], int(header["num_classes"]), names=header.get("names"))
+    model = build_detector(str(header["detector"]), int(header["num_classes"]), names=header.get("names"),
+                           arch=arch if isinstance(arch, dict) else None)
     model = rebuild_compressed(model, header["policy"], path)
     qbits = {f"{n}.weight": m.w_bits for n, m in quantized_convs(model).items()}
     state: dict[str, torch.Tensor] = {}
