@@ -18,6 +18,7 @@ from clitools import run_error
 
 from rsdet_compress.cli.main import main
 from rsdet_compress.engine.finetune import FinetuneConfig, finetune, structure
+from rsdet_compress.engine.recovery import RecoverConfig, recover
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.runtime.loader import load_model
@@ -101,6 +102,10 @@ def test_ultralytics_checkpoint_through_the_whole_workflow(user_checkpoint, plai
     tuned_model, _ = load_detector(tuned["weights"])
     assert structure(tuned_model) == shape
 
+    recovered = recover(RecoverConfig(weights=str(compressed), data=str(plain_airbus), images=16, iters=2,
+                                      val=False, track=False, out=str(tmp_path / "recovered.pt")))
+    assert recovered["structure_kept"] and structure(load_detector(recovered["weights"])[0]) == shape
+
     folder = tmp_path / "export"
     _cli(capsys, "export", "--weights", tuned["weights"], "--format", "onnx,packed", "--data", plain_airbus,
          "--split", "val", "--out", folder)
@@ -150,17 +155,18 @@ def test_derived_ground_truth_follows_label_edits(plain_airbus: Path, tmp_path: 
     assert str(label) in str(e.value)
 
 
-def test_non_detect_and_unknown_checkpoints_are_refused(small_airbus: Path, tmp_path: Path, capsys):
-    from ultralytics.nn.tasks import SegmentationModel
-    seg = SegmentationModel("yolov8n-seg.yaml", nc=2, verbose=False)
-    seg_pt = tmp_path / "seg.pt"
-    torch.save({"model": seg.half(), "train_args": {"task": "segment"}}, seg_pt)
-    run_error(capsys, ["compress", "--weights", seg_pt, "--policy", tmp_path / "p.json", "--out", tmp_path / "c.pt"],
-              str(seg_pt), "segment")
-    run_error(capsys, ["policy", "--weights", seg_pt, "--uniform-bits", 4, "--out", tmp_path / "p.json"],
-              str(seg_pt), "segment")
+@pytest.mark.parametrize("task,cfg", [("segment", "yolov8n-seg.yaml"), ("pose", "yolo11n-pose.yaml"),
+                                      ("obb", "yolov8n-obb.yaml")])
+def test_non_detect_checkpoints_are_refused(task: str, cfg: str, tmp_path: Path, capsys):
+    from ultralytics.nn.tasks import OBBModel, PoseModel, SegmentationModel
+    model = {"segment": SegmentationModel, "pose": PoseModel, "obb": OBBModel}[task](cfg, nc=2, verbose=False)
+    pt = tmp_path / f"{task}.pt"
+    torch.save({"model": model.half(), "train_args": {"task": task}}, pt)  # as ultralytics saves it
+    run_error(capsys, ["policy", "--weights", pt, "--uniform-bits", 4, "--out", tmp_path / "p.json"], str(pt), task)
     assert not (tmp_path / "p.json").exists()
 
+
+def test_unknown_architecture_is_refused(small_airbus: Path, tmp_path: Path, capsys):
     from rsdet_compress.detectors.checkpoint import save_detector
     from rsdet_compress.detectors.factory import create_detector
     ours = save_detector(create_detector("yolov8n", 2), tmp_path / "ours.pt")

@@ -50,7 +50,7 @@ class FinetuneConfig:
 
     #: compressed checkpoint (``rsdet-compress compress``); a float checkpoint is refused.
     weights: str = ""
-    #: dataset YAML written by ``data prepare`` (the one the detector was trained on).
+    #: dataset YAML (``data prepare``'s or any ultralytics one) the detector was trained on.
     data: str = ""
     #: passes over the training chips; QAT recovers most of the loss in a few (HAQ fine-tunes briefly too).
     epochs: int = 10

@@ -45,7 +45,7 @@ class RecoverConfig(ReconstructConfig):
 
     #: compressed checkpoint (``rsdet-compress compress``); a float checkpoint is refused.
     weights: str = ""
-    #: dataset YAML written by ``data prepare``: chips come from its training split only.
+    #: dataset YAML (``data prepare``'s or any ultralytics one): chips come from its training split only.
     data: str = ""
     #: training chips to fit on, drawn at random (seeded); all of them are held in memory with their activations.
     images: int = 256

@@ -36,7 +36,7 @@ class TrainConfig:
 
     #: registered detector name.
     model: str = "skynet"
-    #: dataset YAML written by ``data prepare``.
+    #: dataset YAML: ``data prepare``'s, or any ultralytics data YAML (ground truth derived from its labels).
     data: str = ""
     #: local .pt to start from; None trains from scratch (nothing is ever downloaded).
     weights: str | None = None
