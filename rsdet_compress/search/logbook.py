@@ -13,7 +13,9 @@ and key/value flattening are :mod:`rsdet_compress.tracking.mlflow_tracker`'s.
 """
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from rsdet_compress.atomic import write_text
@@ -24,11 +26,22 @@ from rsdet_compress.tracking.mlflow_tracker import (
     experiment_id,
     log_metrics_to,
     log_params_to,
+    logging_limits,
     store_client,
 )
 
 # every store call of the logbook goes through this name (tests swap it for a store that goes down)
 _client = store_client
+
+
+def _short_http(fn: Callable) -> Callable:
+    """Run a logbook method under short HTTP limits: with mlflow's defaults (7 retries, exponential back-off)
+    every call to a stopped server would stall the search for minutes instead of queueing the candidate."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with logging_limits():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def candidate_record(cand, group_sizes: dict[str, int], stage: str = "") -> dict:
@@ -65,6 +78,7 @@ class Logbook:
         self.parent = parent
         self.pending: list[dict] = []
 
+    @_short_http
     def start(self, name: str, params: dict, tags: dict) -> str:
         """Create the parent run (status RUNNING) and return its id."""
         client = _client(self.uri)
@@ -74,6 +88,7 @@ class Logbook:
         log_params_to(client, self.parent, params)
         return self.parent
 
+    @_short_http
     def children(self) -> list:
         """Active nested runs of the parent (all candidates logged so far)."""
         client = _client(self.uri)
@@ -81,6 +96,7 @@ class Logbook:
         return client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent}'",
                                   max_results=50000)
 
+    @_short_http
     def forget_from(self, episode: int) -> int:
         """Delete nested runs of episodes >= ``episode`` (logged after the last checkpoint): no duplicates."""
         client = _client(self.uri)
@@ -94,6 +110,7 @@ class Logbook:
         self.pending.append(record)
         return self.flush()
 
+    @_short_http
     def flush(self) -> bool:
         while self.pending:
             try:
@@ -120,12 +137,14 @@ class Logbook:
         client.log_text(rid, json.dumps(rec["policy"], indent=1), "policy.json")
         client.set_terminated(rid, "FINISHED")
 
+    @_short_http
     def update_parent(self, metrics: dict, step: int) -> None:
         try:
             log_metrics_to(_client(self.uri), self.parent, metrics, step)
         except Exception:  # noqa: BLE001 - best-so-far curves are a convenience; candidates are not
             pass
 
+    @_short_http
     def finish(self, artifacts: list[Path], status: str = "FINISHED", fallback: Path | None = None) -> bool:
         """Attach artifacts and end the parent run; False (and ``fallback`` JSONL of what is unwritten) if the
         store is down: the parent stays RUNNING until a resume finishes it."""
@@ -146,6 +165,7 @@ class Logbook:
         return ok
 
 
+@_short_http
 def load_search(uri: str, run_id: str) -> tuple[str, dict, list[dict]]:
     """(agent name, parent tags, candidate records) of one search's parent run, from MLflow."""
     client = _client(uri)

@@ -36,7 +36,7 @@ from rsdet_compress.search.rewards import get_reward
 from rsdet_compress.search.searchers import SEARCHERS, make_searcher
 from rsdet_compress.search.statefile import load_state, save_state
 from rsdet_compress.settings import runs_root
-from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, check_store
+from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, NOTE_TAG, check_store
 
 METRICS = ("map50", "map50_95")
 #: what an MLflow run id looks like (32 hex digits; letters, digits, - and _ allowed): never a path
@@ -190,7 +190,8 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         run_id = book.start(f"search-{cfg.agent}-{ws.view.detector}",
                             params={**asdict(cfg), "budget": str(budget), "data_prep": data.prep},
                             tags={"stage": "search", "detector": ws.view.detector, "agent": cfg.agent,
-                                  "weights_fingerprint": ws.weights_fp, "budget": str(budget)})
+                                  "weights_fingerprint": ws.weights_fp, "budget": str(budget),
+                                  NOTE_TAG: search_description(cfg, ws.view.detector, str(budget))})
         records, start, wall0 = [], 0, 0.0
         summary = data.yaml_path.parent / "summary.json"
         book_artifacts = [summary] if summary.is_file() else []
@@ -258,6 +259,17 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         print(f"warning: MLflow store {uri} unreachable at the end: {len(book.pending)} candidate(s) kept in "
               f"{out_dir / 'pending.jsonl'}; `rsdet-compress search --resume {run_id}` uploads them", file=sys.stderr)
     return SearchResult(run_id, best, best_policy, records, wall, ratio, str(out_dir))
+
+
+def search_description(cfg: SearchConfig, detector: str, budget: str) -> str:
+    """The parent run's description in the MLflow UI: what its nested runs are and how to compare them."""
+    return (f"**{cfg.agent} search** of `{detector}` under `{budget}`, {cfg.episodes} candidates, "
+            f"reward `{cfg.reward}` on `{cfg.metric}`.\n\n"
+            "Each nested run is one candidate policy (its `policy.json` is an artifact); `meets_budget` = 1 "
+            "marks those within the budget. To compare them: expand this run in the runs table, select its "
+            f"candidates and open the **Chart** view, then plot `{cfg.metric}` against `compression_ratio` "
+            "(size) and against `bops_ratio` (scatter charts); the search's own Pareto plot is `pareto.png` "
+            "among this run's artifacts, and the best policy is `best_policy.json`.")
 
 
 def _progress(total: int, start: int, enabled: bool):

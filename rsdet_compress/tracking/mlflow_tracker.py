@@ -39,6 +39,10 @@ from rsdet_compress.settings import runs_root
 DEFAULT_EXPERIMENT = "rsdet-compress"
 #: the tag that nests a run under another in the MLflow UI (search candidates, a fine-tune under its search)
 PARENT_TAG = "mlflow.parentRunId"
+#: the run description the MLflow UI shows and edits (markdown)
+NOTE_TAG = "mlflow.note.content"
+#: MLflow 3's experiment kind: without it the UI may infer a GenAI experiment and open on its traces overview
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
 _HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 #: retries and seconds of the up-front check: a live store answers at once
@@ -58,7 +62,7 @@ def default_tracking_uri() -> str:
 
 
 @contextmanager
-def _http_limits(retries: str, timeout: str, force: bool) -> Iterator[None]:
+def http_limits(retries: str, timeout: str, force: bool) -> Iterator[None]:
     """mlflow's HTTP retries/timeout for the calls inside (``force``: even over the user's own settings)."""
     saved = {k: os.environ.get(k) for k in _HTTP_ENV}
     for k, v in zip(_HTTP_ENV, (retries, timeout)):
@@ -72,6 +76,11 @@ def _http_limits(retries: str, timeout: str, force: bool) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def logging_limits():
+    """Short HTTP limits for logging calls (unless the user set their own): a dead server costs seconds, not minutes."""
+    return http_limits(*LOG_HTTP, force=False)
 
 
 def quiet_sqlite_logs() -> None:
@@ -89,7 +98,7 @@ def check_store(uri: str | None = None) -> str:
     """
     uri = uri or default_tracking_uri()
     try:
-        with _http_limits(*CHECK_HTTP, force=True):
+        with http_limits(*CHECK_HTTP, force=True):
             store_client(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any backend failure means "unreachable"
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
@@ -147,9 +156,18 @@ def store_client(uri: str):
 
 
 def experiment_id(client, name: str, uri: str) -> str:
-    """Id of experiment ``name``, created (artifacts per :func:`artifact_location`) when missing."""
+    """Id of experiment ``name``, created (artifacts per :func:`artifact_location`) when missing.
+
+    Our experiments carry MLflow 3's experiment kind of model training, so its UI opens them on the
+    runs table rather than on its GenAI (traces) overview.
+    """
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(uri))
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def log_params_to(client, run_id: str, params: dict) -> None:
@@ -206,7 +224,7 @@ class Tracker:
         if not self.active:
             return None
         try:
-            with _http_limits(*LOG_HTTP, force=False):
+            with logging_limits():
                 return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - whatever the backend raises, the result comes first
             text = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
@@ -244,7 +262,7 @@ class Tracker:
         finally:
             if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
                 try:
-                    with _http_limits(*LOG_HTTP, force=False):
+                    with logging_limits():
                         mlflow.end_run(status)  # pops the run before talking to the store
                 except Exception as e:  # noqa: BLE001
                     self.error = self.error or f"{type(e).__name__}: {str(e).strip()[:120]}"
