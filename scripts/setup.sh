@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install rsdet-compress with its test extras, the optional OpenVINO runtime and the
-# PostgreSQL driver of the MLflow server mode.
+# PostgreSQL driver of the MLflow server mode, and Ray for search workers.
 # torch/torchvision come from the package registry as a matching pair (pinned in pyproject.toml):
 # a CPU-only torch from elsewhere next to the registry's torchvision fails with
 # "operator torchvision::nms does not exist".
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -m pip install --quiet -e ".[dev,openvino,server]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install --quiet -e ".[dev,openvino,server,cluster]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python - <<'PY'
 import torch, torchvision
 from torchvision.ops import nms

@@ -166,6 +166,11 @@ class CompressEnv:
 
     def finish(self) -> float:
         """Evaluate the episode's policy (tightened to the budget if needed); returns its reward."""
+        self.candidate = self.score(self.final_policy(), self.episode)
+        return self.candidate.reward
+
+    def final_policy(self) -> Policy:
+        """The episode's policy brought to the budget: what :meth:`finish` evaluates (or a worker does)."""
         policy = self.policy()
         cost = self._cost(policy)
         if self.cfg.fill_budget and self.cfg.mode != "prune" and self.budget.met(cost, self.ref):
@@ -174,18 +179,24 @@ class CompressEnv:
         while not self.budget.met(cost, self.ref):  # HAQ: lower the costliest layer's bits one step
             policy = self._tighten(policy, cost)
             cost = self._cost(policy)
-        self.candidate = self.score(policy, self.episode)
-        return self.candidate.reward
+        return policy
 
-    def score(self, policy: Policy, episode: int) -> Candidate:
-        """Evaluate any policy of this view as a candidate (budget reported, not enforced)."""
+    def score(self, policy: Policy, episode: int, metrics: dict | None = None) -> Candidate:
+        """Any policy of this view as a candidate (budget reported, not enforced).
+
+        ``metrics``: measured elsewhere (a search worker), else evaluated here.
+        """
         t0 = time.perf_counter()
         cost = self._cost(policy)
         usage = self.budget.usage(cost, self.ref)
-        metrics = self.evaluate_fn(policy)
+        if metrics is None:
+            metrics = self.evaluate_fn(policy)
+            seconds = time.perf_counter() - t0
+        else:
+            seconds = float(metrics.get("eval_seconds", 0.0))
         reward = float(self.reward_fn(float(metrics[self.metric]), usage))
         return Candidate(episode, policy, cost, usage, cost.ratios(self.ref), metrics, reward,
-                         time.perf_counter() - t0, self.budget.met(cost, self.ref))
+                         seconds, self.budget.met(cost, self.ref))
 
     def policy(self, groups: dict | None = None, layers: dict | None = None) -> Policy:
         """The policy the decisions so far describe (``groups``/``layers`` override them)."""

@@ -35,6 +35,7 @@ from rsdet_compress.search.report import plot_searches, summary_row
 from rsdet_compress.search.rewards import get_reward
 from rsdet_compress.search.searchers import SEARCHERS, make_searcher
 from rsdet_compress.search.statefile import load_state, save_state
+from rsdet_compress.search.workers import evaluator_pool
 from rsdet_compress.settings import runs_root
 from rsdet_compress.tracking.mlflow_tracker import DEFAULT_EXPERIMENT, NOTE_TAG, check_store
 
@@ -91,6 +92,12 @@ class SearchConfig:
     latency_runtime: str = "onnxruntime"
     #: with a latency budget: CPU threads of the measurement (None: all; the deployment's own count is best)
     latency_threads: int | None = None
+    #: candidates evaluated at once, each by a Ray worker (1: in this process, exactly the sequential search;
+    #: the agents then learn after each batch of this many)
+    workers: int = 1
+    #: Ray cluster to run the workers on ("auto": the one `ray start` made here, HOST:PORT: a head node;
+    #: None: a local one started for this search, on 127.0.0.1)
+    ray_address: str | None = None
 
 
 @dataclass
@@ -123,6 +130,8 @@ def _check(cfg: SearchConfig) -> Budget:
     for flag, n in (("--calib-images", cfg.calib_images), ("--reward-images", cfg.reward_images)):
         if n < 1:
             raise UserError(f"{flag} must be >= 1, got {n}")
+    if cfg.workers < 1:
+        raise UserError(f"--workers must be >= 1, not {cfg.workers}")
     if cfg.channel_multiple < 1:
         raise UserError(f"--channel-multiple must be >= 1, not {cfg.channel_multiple}")
     if cfg.latency_runtime not in RUNTIMES:
@@ -211,29 +220,39 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     bar = _progress(cfg.episodes, start, progress)
     t0 = time.perf_counter() - wall0
     best = state["best"] if state is not None else None  # carries the policy, unlike the summary records
-    for episode in range(start, cfg.episodes):
-        cand = searcher.run_episode(episode)
-        stage = searcher.stage(episode) if hasattr(searcher, "stage") else cfg.agent
-        rec = candidate_record(cand, group_sizes, stage)
-        in_budget = budget.met(cand.cost, ref)  # the search's budget, whatever a stage's own (two-stage: half)
-        rec["metrics"]["meets_budget"] = int(in_budget)
-        book.log_candidate(rec)
-        summary_rec = {k: rec[k] for k in ("episode", "params", "metrics")}
-        records.append(summary_rec)
-        if in_budget and (best is None or cand.reward > best["metrics"]["reward"]):
-            best = {**summary_rec, "policy": rec["policy"]}
-        if best:
-            m = best["metrics"]
-            book.update_parent({"best_reward": m["reward"], f"best_{cfg.metric}": m[cfg.metric],
-                                "best_compression_ratio": m["compression_ratio"]}, step=episode)
+    pool = evaluator_pool(cfg, evaluator)
+    episode = start
+    while episode < cfg.episodes:
+        end = searcher.batch_end(episode, cfg.workers, cfg.episodes)
+        proposals = [searcher.propose(e) for e in range(episode, end)]
+        for prop, metrics in zip(proposals, pool.map([p.policy for p in proposals])):
+            cand = searcher.observe(prop, metrics)
+            if pool.remote:  # the in-process evaluator keeps its own times
+                evaluator.seconds.append(float(metrics.get("eval_seconds", cand.seconds)))
+            stage = searcher.stage(prop.episode) if hasattr(searcher, "stage") else cfg.agent
+            rec = candidate_record(cand, group_sizes, stage)
+            in_budget = budget.met(cand.cost, ref)  # the search's budget, whatever a stage's own (two-stage: half)
+            rec["metrics"]["meets_budget"] = int(in_budget)
+            book.log_candidate(rec)
+            summary_rec = {k: rec[k] for k in ("episode", "params", "metrics")}
+            records.append(summary_rec)
+            if in_budget and (best is None or cand.reward > best["metrics"]["reward"]):
+                best = {**summary_rec, "policy": rec["policy"]}
+            if best:
+                m = best["metrics"]
+                book.update_parent({"best_reward": m["reward"], f"best_{cfg.metric}": m[cfg.metric],
+                                    "best_compression_ratio": m["compression_ratio"]}, step=prop.episode)
+            bar.update(1)
+            bar.set_postfix_str(f"best reward {best['metrics']['reward']:.4f} {cfg.metric} "
+                                f"{best['metrics'][cfg.metric]:.4f} | now {cand.ratios['size']:.1f}x smaller, "
+                                f"{cand.ratios['bops']:.0f}x fewer BOPs" if best else "no candidate in budget yet")
+        episode = end
+        # after the whole batch: a kill -9 mid-batch resumes at its start, and its logged runs are forgotten
         save_state(out_dir / "state.pt", {
             "config": asdict(cfg), "searcher": searcher.state_dict(), "pending": book.pending,
-            "records": records, "best": best, "next_episode": episode + 1, "wall_seconds": time.perf_counter() - t0,
+            "records": records, "best": best, "next_episode": episode, "wall_seconds": time.perf_counter() - t0,
             "eval_seconds": list(evaluator.seconds)})
-        bar.update(1)
-        bar.set_postfix_str(f"best reward {best['metrics']['reward']:.4f} {cfg.metric} "
-                            f"{best['metrics'][cfg.metric]:.4f} | now {cand.ratios['size']:.1f}x smaller, "
-                            f"{cand.ratios['bops']:.0f}x fewer BOPs" if best else "no candidate in budget yet")
+    pool.close()
     bar.close()
     wall = time.perf_counter() - t0
     mean_eval = sum(evaluator.seconds) / len(evaluator.seconds) if evaluator.seconds else None

@@ -1,8 +1,12 @@
 """Searchers: one interface, one result type, so every comparison spends the same candidate evaluations.
 
-A searcher runs one episode per call (``run_episode``) and returns the
-evaluated :class:`~rsdet_compress.search.env.Candidate`; ``state_dict`` /
-``load_state_dict`` make it resumable after a crash. Registry: ``SEARCHERS``.
+A searcher proposes one episode's policy (``propose``), and learns from its
+evaluation (``observe`` -> the :class:`~rsdet_compress.search.env.Candidate`);
+``run_episode`` does both in process. Split so that several proposals can be
+evaluated at once by search workers (``search --workers K``): the agents then
+update after each batch, as batched AMC/ABCP variants do, and with K = 1 the
+sequence is exactly the in-process one. ``state_dict`` / ``load_state_dict``
+make a searcher resumable after a crash. Registry: ``SEARCHERS``.
 
 * ``ajpq``: the hierarchical DDPG agent (layer controller: sparsity; channel
   controller: bits over the kept channels), no block skipping.
@@ -17,10 +21,12 @@ evaluated :class:`~rsdet_compress.search.env.Candidate`; ``state_dict`` /
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from rsdet_compress.compress.baselines import uniform_bits
+from rsdet_compress.compress.policy import Policy
 from rsdet_compress.errors import UserError
 from rsdet_compress.search.agents import AGENTS, make_agent
 from rsdet_compress.search.agents.exploration import fitted, warmup_action
@@ -29,8 +35,23 @@ from rsdet_compress.search.env import STATE_DIM, Candidate, CompressEnv, EnvConf
 EnvFactory = Callable[[EnvConfig, object], CompressEnv]  # (config, budget or None for the search's) -> env
 
 
-def _episode(env: CompressEnv, agent, episode: int) -> Candidate:
-    """One AMC/HAQ episode: walk the layers, evaluate, let the agent learn from the final reward."""
+@dataclass
+class Proposal:
+    """One episode's policy before evaluation, and what its searcher learns from once it is scored."""
+
+    episode: int
+    policy: Policy
+    env: CompressEnv
+    #: the environment's episode number the candidate is logged under
+    env_episode: int
+    #: the agent that proposed it and its trajectory (states, applied actions) and block actions
+    agent: object = None
+    trajectory: list = field(default_factory=list)
+    blocks: np.ndarray | None = None
+
+
+def _propose(env: CompressEnv, agent, episode: int) -> Proposal:
+    """One AMC/HAQ episode up to its evaluation: walk the layers, bring the policy to the budget."""
     blocks = agent.select_blocks(episode)
     s = env.reset(blocks)
     traj = []
@@ -41,13 +62,34 @@ def _episode(env: CompressEnv, agent, episode: int) -> Candidate:
         s = s2
         if done:
             break
-    reward = env.finish()
-    agent.observe(traj, blocks, reward)
-    agent.update_policy()
-    return env.candidate
+    return Proposal(episode, env.final_policy(), env, env.episode, agent, traj, blocks)
 
 
-class AgentSearcher:
+class Searcher:
+    """What every searcher shares: scoring a proposal, letting its agent learn, the in-process episode."""
+
+    def propose(self, episode: int) -> Proposal:
+        raise NotImplementedError
+
+    def observe(self, prop: Proposal, metrics: dict) -> Candidate:
+        """The candidate ``metrics`` (measured anywhere) make of ``prop``; its agent learns from the reward."""
+        cand = prop.env.score(prop.policy, prop.env_episode, metrics)
+        prop.env.candidate = cand
+        if prop.agent is not None:
+            prop.agent.observe(prop.trajectory, prop.blocks, cand.reward)
+            prop.agent.update_policy()
+        return cand
+
+    def batch_end(self, episode: int, workers: int, episodes: int) -> int:
+        """End of the batch starting at ``episode``: proposals in one batch cannot depend on each other."""
+        return min(episode + workers, episodes)
+
+    def run_episode(self, episode: int) -> Candidate:
+        prop = self.propose(episode)
+        return self.observe(prop, prop.env.evaluate_fn(prop.policy))
+
+
+class AgentSearcher(Searcher):
     """A learning agent (``ajpq`` or ``abcp``) in the joint environment."""
 
     def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
@@ -55,8 +97,8 @@ class AgentSearcher:
         self.env = make_env(env_cfg, None)
         self.agent = make_agent(name, STATE_DIM, len(self.env.view.blocks), seed, **fitted(name, episodes))
 
-    def run_episode(self, episode: int) -> Candidate:
-        return _episode(self.env, self.agent, episode)
+    def propose(self, episode: int) -> Proposal:
+        return _propose(self.env, self.agent, episode)
 
     def state_dict(self) -> dict:
         return {"agent": self.agent.state_dict(), "env_episode": self.env.episode}
@@ -66,7 +108,7 @@ class AgentSearcher:
         self.env.episode = state["env_episode"]
 
 
-class RandomSearcher:
+class RandomSearcher(Searcher):
     """Valid random policies under the same budget (the environment's wall projects every action)."""
 
     def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig,
@@ -75,14 +117,13 @@ class RandomSearcher:
         self.env = make_env(env_cfg, None)
         self.rng = np.random.default_rng(seed)
 
-    def run_episode(self, episode: int) -> Candidate:
-        s = self.env.reset(self.rng.random(len(self.env.view.blocks)) < self.skip_prob)
+    def propose(self, episode: int) -> Proposal:
+        self.env.reset(self.rng.random(len(self.env.view.blocks)) < self.skip_prob)
         strength = float(self.rng.random())  # the episode's pruning strength, as in the agents' warm-up
         done = False
         while not done:
-            s, done, _ = self.env.step(warmup_action(self.rng, strength))
-        self.env.finish()
-        return self.env.candidate
+            _, done, _ = self.env.step(warmup_action(self.rng, strength))
+        return Proposal(episode, self.env.final_policy(), self.env, self.env.episode)
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "env_episode": self.env.episode}
@@ -92,7 +133,7 @@ class RandomSearcher:
         self.env.episode = state["env_episode"]
 
 
-class TwoStageSearcher:
+class TwoStageSearcher(Searcher):
     """Prune first (AJPQ agent, float weights), then quantize the best pruned structure (a fresh agent)."""
 
     def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
@@ -114,17 +155,25 @@ class TwoStageSearcher:
     def stage(self, episode: int) -> str:
         return "prune" if episode < self.switch else "quant"
 
-    def run_episode(self, episode: int) -> Candidate:
+    def propose(self, episode: int) -> Proposal:
         if episode < self.switch:
             self.prune_env.episode = episode - 1
-            cand = _episode(self.prune_env, self.prune_agent, episode)
-            if self.best_prune is None or cand.reward > self.best_prune[0]:
-                self.best_prune = (cand.reward, cand.policy.groups)
-            return cand
+            return _propose(self.prune_env, self.prune_agent, episode)
         if self.quant_env is None:
             self._start_quant()
         self.quant_env.episode = episode - 1
-        return _episode(self.quant_env, self.quant_agent, episode)
+        return _propose(self.quant_env, self.quant_agent, episode)
+
+    def observe(self, prop: Proposal, metrics: dict) -> Candidate:
+        cand = super().observe(prop, metrics)
+        if prop.episode < self.switch and (self.best_prune is None or cand.reward > self.best_prune[0]):
+            self.best_prune = (cand.reward, cand.policy.groups)
+        return cand
+
+    def batch_end(self, episode: int, workers: int, episodes: int) -> int:
+        """The quantization stage starts from the best pruned structure: never in one batch with pruning."""
+        end = super().batch_end(episode, workers, episodes)
+        return min(end, self.switch) if episode < self.switch else end
 
     def state_dict(self) -> dict:
         return {"prune_agent": self.prune_agent.state_dict(), "best_prune": self.best_prune,
@@ -138,7 +187,7 @@ class TwoStageSearcher:
             self.quant_agent.load_state_dict(state["quant_agent"])
 
 
-class UniformSearcher:
+class UniformSearcher(Searcher):
     """Uniform n-bit weights (activations at the search's act bits), no pruning: the simplest baseline."""
 
     LADDER = (8, 6, 5, 4, 3, 2)
@@ -148,10 +197,10 @@ class UniformSearcher:
         self.env = make_env(env_cfg, None)
         self.act_bits = env_cfg.act_bits
 
-    def run_episode(self, episode: int) -> Candidate:
+    def propose(self, episode: int) -> Proposal:
         bits = self.LADDER[episode % len(self.LADDER)]
         self.env.episode = episode
-        return self.env.score(uniform_bits(self.env.view, bits, self.act_bits), episode)
+        return Proposal(episode, uniform_bits(self.env.view, bits, self.act_bits), self.env, episode)
 
     def state_dict(self) -> dict:
         return {}
