@@ -50,6 +50,20 @@ def fast_recovery(iters: int) -> ReconstructConfig:
     return ReconstructConfig(iters=iters)
 
 
+def build_evaluator(settings: dict, ws: Workspace | None = None) -> CandidateEvaluator:
+    """The candidate evaluator of a search with ``settings`` (``asdict(SearchConfig)``), in the driver or a worker.
+
+    Pass the driver's ``ws`` to share it; its gradient set becomes the calibration chips (the
+    importance scores need them).
+    """
+    ws = ws or Workspace.from_weights(settings["weights"])
+    calib, reward = train_subsets(settings["data"], ws.view.imgsz, settings["calib_images"],
+                                  settings["reward_images"], settings["seed"])
+    ws.grad_set = calib
+    recovery = fast_recovery(settings["recover_iters"]) if settings["recover"] == "fast" else None
+    return CandidateEvaluator(ws, calib, reward, device=settings["device"], recovery=recovery)
+
+
 class CandidateEvaluator:
     """``policy -> metrics``: apply to the shared float model, calibrate, (recover,) score on the reward chips."""
 

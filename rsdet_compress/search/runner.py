@@ -28,7 +28,7 @@ from rsdet_compress.errors import UserError
 from rsdet_compress.runtime.latency_table import RUNTIMES, LatencyTable
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import CompressEnv, EnvConfig
-from rsdet_compress.search.evaluation import RECOVERY, CandidateEvaluator, fast_recovery, train_subsets
+from rsdet_compress.search.evaluation import RECOVERY, build_evaluator
 from rsdet_compress.search.latency_cost import LatencyCost, measure_model_ms
 from rsdet_compress.search.logbook import Logbook, candidate_record
 from rsdet_compress.search.report import plot_searches, summary_row
@@ -178,11 +178,8 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
 
     ws = Workspace.from_weights(cfg.weights)
     check_classes(ws.meta, load_data_config(cfg.data).names, cfg.weights, cfg.data)
-    calib, reward_set = train_subsets(cfg.data, ws.view.imgsz, cfg.calib_images, cfg.reward_images, cfg.seed)
-    ws.grad_set = calib
+    evaluator = build_evaluator(asdict(cfg), ws)  # the workers build theirs the same way
     scores = ws.scores(cfg.criterion)
-    recovery = fast_recovery(cfg.recover_iters) if cfg.recover == "fast" else None
-    evaluator = CandidateEvaluator(ws, calib, reward_set, device=cfg.device, recovery=recovery)
     reward_fn = get_reward(cfg.reward)
     cost_fn = latency_cost(ws, cfg) if "latency" in budget.as_dict() else estimate
 

@@ -20,20 +20,9 @@ from dataclasses import asdict
 
 import torch
 
-from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.errors import UserError
-from rsdet_compress.search.evaluation import CandidateEvaluator, fast_recovery, train_subsets
-
-
-def build_evaluator(settings: dict) -> CandidateEvaluator:
-    """The candidate evaluator a search with ``settings`` (``asdict(SearchConfig)``) uses, built from scratch."""
-    ws = Workspace.from_weights(settings["weights"])
-    calib, reward = train_subsets(settings["data"], ws.view.imgsz, settings["calib_images"],
-                                  settings["reward_images"], settings["seed"])
-    ws.grad_set = calib
-    recovery = fast_recovery(settings["recover_iters"]) if settings["recover"] == "fast" else None
-    return CandidateEvaluator(ws, calib, reward, device=settings["device"], recovery=recovery)
+from rsdet_compress.search.evaluation import CandidateEvaluator, build_evaluator
 
 
 class LocalPool:
