@@ -1,4 +1,5 @@
-"""Real services for the tests, on 127.0.0.1 only: a PostgreSQL cluster and an MLflow tracking server on it.
+"""Real services for the tests, on 127.0.0.1 only: a PostgreSQL cluster, an S3-compatible object store
+(moto's server) and an MLflow tracking server on them.
 
 Both are started from what the machine has (the distribution's PostgreSQL packages, which
 ``.ci/run`` installs when missing, and the venv's ``mlflow``), in a throwaway folder, on free
@@ -53,7 +54,10 @@ class Postgres:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+        return self.url_of(self.database)
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def _run(self, *argv: str) -> None:
         cmd = ["runuser", "-u", self.user, "--", *argv] if self.user else list(argv)
@@ -69,9 +73,15 @@ class Postgres:
         self._run(initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         self._run(pg_ctl, "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start",
                   "-o", f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root}")
-        self._run(str(Path(pg_ctl).with_name("createdb")) if Path(pg_ctl).with_name("createdb").exists()
-                  else "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", self.database)
+        self.create_database(self.database)
         return self
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database in this cluster; returns its URL."""
+        createdb = Path(postgres_bin("pg_ctl")).with_name("createdb")
+        self._run(str(createdb) if createdb.exists() else "createdb",
+                  "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return self.url_of(name)
 
     def stop(self) -> None:
         pg_ctl = postgres_bin("pg_ctl")
@@ -81,14 +91,56 @@ class Postgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class MlflowServer:
-    """``mlflow server`` on ``backend`` (a database URI), artifacts proxied to ``artifacts``; stop() kills it whole."""
+class S3Store:
+    """An S3-compatible object store on 127.0.0.1 (moto's server) with one bucket, and the settings to reach it."""
 
-    def __init__(self, backend: str, artifacts: Path, port: int | None = None):
-        self.backend, self.artifacts = backend, Path(artifacts)
+    def __init__(self, bucket: str = "rsdet-artifacts"):
+        self.bucket, self.port = bucket, free_port()
+        self.server = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client (here: ``mlflow server``) needs to write to this store."""
+        return {"MLFLOW_S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def start(self) -> S3Store:
+        from moto.server import ThreadedMotoServer
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.client().create_bucket(Bucket=self.bucket)
+        return self
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class MlflowServer:
+    """``mlflow server`` on ``backend`` (a database URI), artifacts proxied to ``artifacts`` (a folder, or an
+    ``s3://`` URI reached with ``env``); stop() kills it whole."""
+
+    def __init__(self, backend: str, artifacts: Path | str, port: int | None = None, log_dir: Path | None = None,
+                 env: dict[str, str] | None = None):
+        self.backend, self.artifacts = backend, str(artifacts)
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
-        self.log = self.artifacts.parent / f"mlflow-server-{self.port}.log"
+        self.env = dict(env or {})
+        self.log = Path(log_dir or Path(artifacts).parent) / f"mlflow-server-{self.port}.log"
 
     @property
     def uri(self) -> str:
@@ -97,12 +149,12 @@ class MlflowServer:
     def start(self, timeout: float = 120) -> MlflowServer:
         mlflow = Path(sys.executable).with_name("mlflow")
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-               "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false"}
+               "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false", **self.env}
         env.pop("MLFLOW_TRACKING_URI", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(mlflow), "server", "--backend-store-uri", self.backend, "--artifacts-destination",
-                 str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                 self.artifacts, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

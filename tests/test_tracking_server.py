@@ -1,8 +1,9 @@
-"""The team's MLflow tracking server: ``mlflow server`` on PostgreSQL, artifacts proxied to a folder.
+"""The team's MLflow tracking server: ``mlflow server`` on PostgreSQL, artifacts proxied to a folder or S3.
 
 Everything runs against a real server started here (``services.py``, 127.0.0.1 only): a
-whole search lands there (nested runs, Pareto plot, best policy), ``evaluate`` logs there, and
-stopping the server for a few candidates mid-search loses and doubles nothing.
+whole search lands there (nested runs, Pareto plot, best policy), ``evaluate`` logs there,
+stopping the server for a few candidates mid-search loses and doubles nothing, and with an
+S3-compatible artifact store the search's files end up as objects in its bucket.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from services import MlflowServer, Postgres, postgres_bin
+from services import MlflowServer, Postgres, S3Store, postgres_bin
 
 from rsdet_compress.cli.main import main
 from rsdet_compress.search.runner import SearchConfig, search
@@ -22,19 +23,27 @@ METRICS = {"map50", "map50_95", "reward", "compression_ratio", "bops_ratio", "me
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """PostgreSQL + ``mlflow server`` for this module; CI must have them (``.ci/run`` installs PostgreSQL)."""
+def postgres():
+    """A PostgreSQL cluster for this module; CI must have it (``.ci/run`` installs PostgreSQL)."""
     if not postgres_bin("initdb"):
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL server tools missing in CI: .ci/run installs them")
         pytest.skip("PostgreSQL server tools not installed (apt-get install postgresql)")
     pg = Postgres().start()
-    srv = MlflowServer(pg.url, tmp_path_factory.mktemp("artifacts") / "store")
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="module")
+def server(postgres: Postgres, tmp_path_factory):
+    """``mlflow server`` on PostgreSQL, artifacts proxied to a folder."""
+    srv = MlflowServer(postgres.url, tmp_path_factory.mktemp("artifacts") / "store")
     try:
         yield srv.start()
     finally:
         srv.stop()
-        pg.stop()
 
 
 @pytest.fixture
@@ -105,3 +114,38 @@ def test_server_stopped_mid_search_loses_and_doubles_nothing(on_server: MlflowSe
     assert sorted(int(k.data.tags["episode"]) for k in kids) == list(range(6))  # none lost, none twice
     assert all(METRICS <= set(k.data.metrics) and k.info.status == "FINISHED" for k in kids)
     assert not Path(r.out_dir, "pending.jsonl").exists()
+
+
+def test_artifacts_go_to_an_s3_store(postgres: Postgres, trained_yolov8n: Path, small_airbus: Path, tmp_path: Path,
+                                     monkeypatch):
+    """``--artifacts-destination s3://...``: the client uploads through the server, the files land in the bucket."""
+    for module, extra in (("boto3", "server"), ("moto", "dev")):
+        try:
+            __import__(module)
+        except ImportError:
+            if os.environ.get("CI"):
+                pytest.fail(f"{module} missing in CI: scripts/setup.sh installs the '{extra}' extra")
+            pytest.skip(f"{module} not installed (pip install -e '.[{extra}]')")
+    from mlflow import MlflowClient
+    store = S3Store().start()
+    srv = MlflowServer(postgres.create_database("mlflow_s3"), f"s3://{store.bucket}/mlflow", log_dir=tmp_path,
+                       env=store.env)
+    try:
+        srv.start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
+        r = search(SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), episodes=2, **SMALL),
+                   progress=False)
+        client = MlflowClient(srv.uri)
+        kids = _candidates(srv.uri, r.run_id)
+        assert sorted(int(k.data.tags["episode"]) for k in kids) == [0, 1]
+        listed = {a.path for a in client.list_artifacts(r.run_id)}
+        assert {"pareto.png", "best_policy.json", "candidates.jsonl"} <= listed
+        keys = store.keys("mlflow/")
+        for name in ("pareto.png", "best_policy.json", "candidates.jsonl"):
+            assert any(k.endswith(f"/{r.run_id}/artifacts/{name}") for k in keys), (name, keys)
+        assert sum(k.endswith("/artifacts/policy.json") for k in keys) == 2  # one per candidate
+        got = client.download_artifacts(r.run_id, "best_policy.json", str(tmp_path))
+        assert Path(got).read_bytes() == Path(r.out_dir, "best_policy.json").read_bytes()
+    finally:
+        srv.stop()
+        store.stop()
