@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -105,4 +106,9 @@ def evaluator_pool(cfg, evaluator: CandidateEvaluator) -> LocalPool | RayPool:
     """The in-process pool for one worker and no cluster, else Ray workers built from ``cfg``'s settings."""
     if cfg.workers == 1 and not cfg.ray_address:
         return LocalPool(evaluator)
-    return RayPool(asdict(cfg), cfg.workers, cfg.ray_address)
+    settings = asdict(cfg)
+    # a worker's working folder is not the driver's: send absolute paths (the same mounts on every machine)
+    for key in ("weights", "data"):
+        if Path(settings[key]).exists():
+            settings[key] = str(Path(settings[key]).resolve())
+    return RayPool(settings, cfg.workers, cfg.ray_address)
