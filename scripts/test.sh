@@ -6,4 +6,4 @@ bash scripts/setup.sh
 export RSDET_DATA="${RSDET_DATA:-$(cd .. && pwd)/shared/data}"
 export YOLO_OFFLINE=1
 .venv/bin/ruff check rsdet_compress tests benchmarks   # lint first: seconds, and CI fails on it
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=30 "$@"   # the slowest tests, for the suite-time budget
