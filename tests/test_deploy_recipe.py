@@ -118,6 +118,8 @@ def test_dockerfile_copies_what_exists_and_installs_extras_that_exist():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in ("rsdet_compress", "configs", "scripts", "pyproject.toml", "README.md"):
         assert path not in ignored
+    # the Ray token lives in .env beside the compose file: never in the image, never in git
+    assert ".env" in ignored and ".env" in (ROOT / ".gitignore").read_text().split()
 
 
 @pytest.mark.parametrize("argv, expect", [(["ray", "--version"], "ray, version"),
