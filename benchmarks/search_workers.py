@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -25,17 +24,11 @@ from pathlib import Path
 import torch
 
 from rsdet_compress.atomic import write_json, write_text
+from rsdet_compress.machine import cpu_name
 from rsdet_compress.search.runner import SearchConfig, search
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -105,7 +98,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'runs' / 'bench' / 'search_workers.db'}")
     (REPO / "runs" / "bench").mkdir(parents=True, exist_ok=True)
     rows = [run_one(int(k), args) for k in args.workers.split(",")]
-    cpu = cpu_model()
+    cpu = cpu_name()
     write_json(RESULTS / f"{args.out}.json", {"cpu": cpu, "cores": os.cpu_count(), "args": vars(args) | {
         "weights": str(args.weights), "data": str(args.data)}, "rows": rows})
     text = markdown(rows, args, cpu)

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rsdet_compress"
 
 #: Lowest first. Top-level modules (errors.py, atomic.py...) are named without ".py".
 LAYERS = [
-    {"errors", "atomic", "settings", "textio"},
+    {"errors", "atomic", "settings", "textio", "machine"},
     {"config"},
     {"tracking"},
     {"data"},

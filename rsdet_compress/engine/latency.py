@@ -24,6 +24,7 @@ import torch
 
 from rsdet_compress.engine.scorer import check_imgsz
 from rsdet_compress.errors import UserError
+from rsdet_compress.machine import cpu_name
 from rsdet_compress.runtime.loader import OnnxDetector, load_model
 from rsdet_compress.runtime.openvino import OV_SUFFIX, OpenVinoDetector, bin_path
 
@@ -225,13 +226,7 @@ def machine(threads: int | None = None) -> dict:
         info["openvino"] = openvino.__version__
     except ImportError:
         pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info["cpu"] = cpu_name()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

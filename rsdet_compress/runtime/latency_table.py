@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from torch import nn
 
 from rsdet_compress.atomic import write_json
 from rsdet_compress.errors import UserError
+from rsdet_compress.machine import cpu_name
 from rsdet_compress.runtime.openvino import compile_config, require_openvino
 from rsdet_compress.settings import runs_root
 
@@ -57,16 +57,6 @@ class ConvShape:
         return "x".join(str(int(v)) for v in astuple(self))
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _runtime_version(runtime: str) -> str:
     if runtime == "openvino":
         return require_openvino().__version__
@@ -76,7 +66,7 @@ def _runtime_version(runtime: str) -> str:
 
 def table_path(runtime: str, threads: int) -> Path:
     """``$RSDET_RUNS/latency/<runtime>-t<threads>-<machine hash>.json``."""
-    machine = f"{_cpu_name()}|{os.cpu_count()}|{runtime} {_runtime_version(runtime)}"
+    machine = f"{cpu_name()}|{os.cpu_count()}|{runtime} {_runtime_version(runtime)}"
     digest = hashlib.sha1(machine.encode()).hexdigest()[:10]
     return runs_root() / "latency" / f"{runtime}-t{threads}-{digest}.json"
 
@@ -130,7 +120,7 @@ class LatencyTable:
         return self.entries[shape.key]
 
     def save(self) -> None:
-        write_json(self.path, {"runtime": self.runtime, "threads": self.threads, "cpu": _cpu_name(),
+        write_json(self.path, {"runtime": self.runtime, "threads": self.threads, "cpu": cpu_name(),
                                "runtime_version": _runtime_version(self.runtime), "runs": self.runs,
                                "entries": self.entries})
 
