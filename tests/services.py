@@ -110,8 +110,10 @@ class S3Store:
 
     def client(self):
         import boto3
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
+        env = self.env
+        return boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"],
+                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
 
     def start(self) -> S3Store:
         from moto.server import ThreadedMotoServer
