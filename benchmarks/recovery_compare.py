@@ -25,10 +25,12 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import mlflow
 import numpy as np
 from pycocotools.cocoeval import COCOeval
 
@@ -44,9 +46,11 @@ from rsdet_compress.engine.finetune import FinetuneConfig, finetune
 from rsdet_compress.engine.recovery import RecoverConfig, recover
 from rsdet_compress.runtime.loader import load_model
 from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.logbook import Logbook
 from rsdet_compress.search.runner import SearchConfig, search
 from rsdet_compress.search.statefile import load_state
 from rsdet_compress.settings import runs_root
+from rsdet_compress.tracking.mlflow_tracker import check_store
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -76,19 +80,33 @@ def uniform_at_budget(ws: Workspace, bits: str, budget: Budget) -> tuple[str, Po
     raise SystemExit(f"error: --uniform-bits {bits}: no uniform pruning up to 90% meets {budget}")
 
 
-def interrupted_search(cfg: SearchConfig) -> str | None:
-    """Run id of the newest unfinished search with exactly ``cfg``'s settings (its checkpoint), if any.
+def earlier_search(cfg: SearchConfig) -> str | None:
+    """Run id of the newest search with exactly ``cfg``'s settings (its checkpoint), finished or not.
 
     A search of 24 fast-recovered candidates takes hours on 2 cores; one cut short by the end
-    of a session continues from its last candidate instead of starting over.
+    of a session continues from its last candidate instead of starting over, and a finished one
+    whose table was never written is only reloaded.
     """
     states = sorted((runs_root() / "search").glob("*/state.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for state_file in states:
         state = load_state(state_file)
         # settings added to SearchConfig after the checkpoint was written take their defaults
-        if {**asdict(cfg), **state.get("config", {})} == asdict(cfg) and state.get("next_episode", 0) < cfg.episodes:
+        if {**asdict(cfg), **state.get("config", {})} == asdict(cfg):
             return state_file.parent.name
     return None
+
+
+def candidate_policies(run_id: str) -> dict[int, dict]:
+    """Each candidate's policy by episode: the ``policy.json`` its nested MLflow run carries.
+
+    The search's own records keep episode, params and metrics only (the policies would make
+    its checkpoint grow with every candidate); MLflow holds every candidate's policy file.
+    """
+    uri = check_store(None)
+    with tempfile.TemporaryDirectory() as tmp:
+        return {int(r.data.tags["episode"]): json.loads(Path(mlflow.artifacts.download_artifacts(
+                    run_id=r.info.run_id, artifact_path="policy.json", tracking_uri=uri, dst_path=tmp)).read_text())
+                for r in Logbook(uri, parent=run_id).children()}
 
 
 def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -> dict:
@@ -105,16 +123,17 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
                            budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
                            recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
                            seed=args.seed, device=args.device, experiment="rsdet-compress-bench")
-        stopped = interrupted_search(cfg)
-        if stopped:
-            print(f"resuming search {stopped} (same settings, stopped before its last candidate)", flush=True)
-        result = search(resume=stopped) if stopped else search(cfg)
+        earlier = earlier_search(cfg)
+        if earlier:
+            print(f"resuming search {earlier} (same settings)", flush=True)
+        result = search(resume=earlier) if earlier else search(cfg)
         if result.best_policy is None:
             raise SystemExit(f"error: the {agent} search found no policy within {budget}")
+        policies = candidate_policies(result.run_id)
         record = {"name": path.stem, "run_id": result.run_id, "config": cfg.__dict__,
                   "wall_minutes": result.wall_seconds / 60, "eval_ratio": result.eval_ratio, "best": result.best,
                   "best_policy": result.best_policy.to_dict(),
-                  "candidates": [{"episode": r["episode"], "policy": r["policy"], "search": r["metrics"]}
+                  "candidates": [{"episode": r["episode"], "policy": policies[r["episode"]], "search": r["metrics"]}
                                  for r in result.candidates if r["metrics"].get("meets_budget")]}
         write_text(path, json.dumps(record, indent=1, default=str))  # default: numpy scalars in the metrics
     return json.loads(path.read_text())
