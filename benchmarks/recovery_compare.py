@@ -17,7 +17,9 @@ recover -> test mAP; optionally QAT from the recovered weights (distilled from f
 mAP. Columns: mAP50, mAP50-95, AP50 of each class, the mAP50 difference against fp32 with a
 95% paired bootstrap interval over test images, size / FLOPs / BOPs ratios, and each stage's
 wall minutes on this machine. Stage outputs are kept under runs/bench/recovery/<name>/ and
-reused on a rerun with the same settings. Writes benchmarks/results/<--out>.{md,json}.
+reused on a rerun with the same settings. Each search's record and each policy's finished rows
+also go to the ledger (benchmarks/results/ledger/, committed): a later checkout reuses them and
+makes only what is missing. Writes benchmarks/results/<--out>.{md,json}.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from ledger import digest, kept
 from pycocotools.cocoeval import COCOeval
 
 from rsdet_compress.atomic import write_text
@@ -110,19 +113,20 @@ def candidate_policies(run_id: str) -> dict[int, dict]:
 
 
 def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -> dict:
-    """One search at ``budget``: its best policy and in-budget candidates, kept in the work folder.
+    """One search at ``budget``: its best policy and in-budget candidates, kept in the ledger.
 
     Shared by this benchmark and reward_ranking.py, so the ranking reuses the search whose best
     policy fills this table (same agent, budget, episodes, reward form and seed).
     """
     tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
-    path = WORK / (f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}"
-                   f"-r{args.recover_iters}-s{args.seed}{gpu_suffix(args)}.json")
-    if not path.is_file():
-        cfg = SearchConfig(weights=str(weights), data=str(data), agent=agent, episodes=args.episodes,
-                           budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
-                           recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
-                           seed=args.seed, device=args.device, experiment="rsdet-compress-bench")
+    name = (f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}"
+            f"-r{args.recover_iters}-s{args.seed}{gpu_suffix(args)}")
+    cfg = SearchConfig(weights=str(weights), data=str(data), agent=agent, episodes=args.episodes,
+                       budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
+                       recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
+                       seed=args.seed, device=args.device, experiment="rsdet-compress-bench")
+
+    def run() -> dict:
         earlier = earlier_search(cfg)
         if earlier:
             print(f"resuming search {earlier} (same settings)", flush=True)
@@ -130,13 +134,12 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
         if result.best_policy is None:
             raise SystemExit(f"error: the {agent} search found no policy within {budget}")
         policies = candidate_policies(result.run_id)
-        record = {"name": path.stem, "run_id": result.run_id, "config": cfg.__dict__,
-                  "wall_minutes": result.wall_seconds / 60, "eval_ratio": result.eval_ratio, "best": result.best,
-                  "best_policy": result.best_policy.to_dict(),
-                  "candidates": [{"episode": r["episode"], "policy": policies[r["episode"]], "search": r["metrics"]}
-                                 for r in result.candidates if r["metrics"].get("meets_budget")]}
-        write_text(path, json.dumps(record, indent=1, default=str))  # default: numpy scalars in the metrics
-    return json.loads(path.read_text())
+        return {"name": name, "run_id": result.run_id, "config": cfg.__dict__,
+                "wall_minutes": result.wall_seconds / 60, "eval_ratio": result.eval_ratio, "best": result.best,
+                "best_policy": result.best_policy.to_dict(),
+                "candidates": [{"episode": r["episode"], "policy": policies[r["episode"]], "search": r["metrics"]}
+                               for r in result.candidates if r["metrics"].get("meets_budget")]}
+    return kept(name, {"weights": digest(weights), "search": asdict(cfg)}, run)
 
 
 def gpu_suffix(args) -> str:
@@ -286,25 +289,32 @@ def main() -> None:
         for bits in args.uniform_bits:
             spec, policy = uniform_at_budget(ws, bits, budget)
             policies.append((f"uniform {spec} @ {args.budget}", policy))
+    stage_settings = {k: getattr(args, k) for k in ("images", "iters", "recover_minutes", "qat_epochs",
+                                                     "qat_config", "ablate_least_squares", "device", "bootstrap")}
     for name, policy in policies:
         work = WORK / (re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{weights.parent.parent.name}-{name}") + gpu_suffix(args))
-        work.mkdir(parents=True, exist_ok=True)
         ratios = {k: v for k, v in estimate(ws.view, ws.resolve(policy)).ratios(float_cost).items()
                   if k in ("size", "flops", "bops")}
-        stages = make_stages(policy, weights, data, work, args, args.ablate_least_squares)
-        for stage, path, minutes in stages:
-            m, ev = score(path, evaluator)
-            ci = paired_bootstrap(ref_ev, ev, evalset.image_ids, args.bootstrap) \
-                if args.bootstrap else None
-            rows.append(row(name, stage, m, minutes, ratios, ci, ref))
-            print(f"{name:24} {stage:28} mAP50 {m['map50']:.4f}  ({m['map50'] - ref['map50']:+.4f})", flush=True)
+
+        def policy_rows(name=name, policy=policy, work=work, ratios=ratios) -> list[dict]:
+            out = []
+            work.mkdir(parents=True, exist_ok=True)
+            for stage, path, minutes in make_stages(policy, weights, data, work, args, args.ablate_least_squares):
+                m, ev = score(path, evaluator)
+                ci = paired_bootstrap(ref_ev, ev, evalset.image_ids, args.bootstrap) if args.bootstrap else None
+                out.append(row(name, stage, m, minutes, ratios, ci, ref))
+                print(f"{name:24} {stage:28} mAP50 {m['map50']:.4f}  ({m['map50'] - ref['map50']:+.4f})", flush=True)
+            return out
+        key = {"weights": digest(weights), "data": str(data), "split": args.split, "policy": policy.to_dict(),
+               "stages": stage_settings}
+        rows += kept(f"rows-{work.name}", key, policy_rows)
     header = (f"# Recovery: {weights} on the {args.split} split of {data} ({len(evalset)} images)\n\n"
               f"`python benchmarks/recovery_compare.py {' '.join(sys.argv[1:])}`  \n"
               f"Stage minutes: wall time of the run that made the stage, on this machine"
               f"{'' if args.device == 'cpu' else f' (device {args.device}; compress on CPU)'}.")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.md").write_text(markdown(rows, header))
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=2))
+    write_text(RESULTS / f"{args.out}.md", markdown(rows, header))
+    write_text(RESULTS / f"{args.out}.json", json.dumps(rows, indent=2))
     print(markdown(rows, header))
 
 

@@ -14,18 +14,22 @@
    evaluation seconds per candidate (the price of a better ranking).
 
 Stage outputs live under $RSDET_RUNS/bench/recovery/ (shared with recovery_compare.py) and are
-reused on reruns. Writes benchmarks/results/<--out>.{md,json}.
+reused on reruns; each ranked candidate's scores go to the ledger (benchmarks/results/ledger/),
+so a later checkout ranks only the candidates still missing. Writes benchmarks/results/<--out>.{md,json}.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
+from ledger import digest, kept
 from recovery_compare import RESULTS, WORK, add_search_args, add_stage_args, cached_search, make_stages, score
 from scipy.stats import spearmanr
 
+from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
@@ -48,16 +52,13 @@ def spread(cands: list[dict], k: int) -> list[dict]:
     return [unique[round(i * (len(unique) - 1) / (k - 1))] for i in range(k)]
 
 
-def rewards(ws: Workspace, data: Path, policies: list[Policy], search_cfg: dict) -> dict[str, list[dict]]:
-    """Every reward form of ``search --recover`` for each policy, on the search's own chips."""
+def reward_evaluators(ws: Workspace, data: Path, search_cfg: dict) -> dict[str, CandidateEvaluator]:
+    """One evaluator per reward form of ``search --recover``, on the search's own chips."""
     calib, reward_set = train_subsets(str(data), ws.view.imgsz, search_cfg["calib_images"],
                                       search_cfg["reward_images"], search_cfg["seed"])
-    out = {}
-    for form in RECOVERY:
-        ev = CandidateEvaluator(ws, calib, reward_set, device=search_cfg["device"],
-                                recovery=fast_recovery(search_cfg["recover_iters"]) if form == "fast" else None)
-        out[form] = [ev(p) for p in policies]
-    return out
+    return {form: CandidateEvaluator(ws, calib, reward_set, device=search_cfg["device"],
+                                     recovery=fast_recovery(search_cfg["recover_iters"]) if form == "fast" else None)
+            for form in RECOVERY}
 
 
 def markdown(rows: list[dict], summary: dict, header: str) -> str:
@@ -97,25 +98,33 @@ def main() -> None:
     if len(chosen) < 3:
         raise SystemExit(f"error: only {len(chosen)} distinct in-budget candidates; run more --episodes")
     ws = Workspace.from_weights(weights)
-    policies = [Policy.from_dict(c["policy"]) for c in chosen]
-    forms = rewards(ws, data, policies, found["config"])
     cfg = load_data_config(data)
     evaluator = Evaluator(EvalSet.from_coco(cfg.split_coco(args.split), cfg.split_images(args.split),
                                             int(ws.view.imgsz)), max_det=300, device=args.device)
+    evaluators = functools.cache(lambda: reward_evaluators(ws, data, found["config"]))  # decodes the chips once
+    stage_settings = {k: getattr(args, k) for k in ("images", "iters", "recover_minutes", "qat_epochs",
+                                                     "qat_config", "device")}
     rows = []
-    for i, (c, policy) in enumerate(zip(chosen, policies, strict=True)):
-        work = WORK / f"{found['name']}-ep{c['episode']}"  # the search's budget, settings and device are in its name
-        work.mkdir(parents=True, exist_ok=True)
-        stages = make_stages(policy, weights, data, work, args)
-        path, minutes = stages[-1][1], sum(m for _, _, m in stages)
-        m, _ = score(path, evaluator)
-        s = c["search"]
-        rows.append({"episode": c["episode"], "reward": {f: forms[f][i]["map50"] for f in forms},
-                     "eval_seconds": {f: forms[f][i]["eval_seconds"] for f in forms},
-                     "final_map50": m["map50"], "final_map50_95": m["map50_95"], "final_minutes": minutes,
-                     "size": s["compression_ratio"], "flops": s["flops_ratio"], "bops": s["bops_ratio"]})
-        print(f"episode {c['episode']:3}: " + "  ".join(f"{f} {rows[-1]['reward'][f]:.4f}" for f in forms)
-              + f"  final {m['map50']:.4f}", flush=True)
+    for c in chosen:
+        def ranked(c=c) -> dict:
+            policy = Policy.from_dict(c["policy"])
+            got = {f: ev(policy) for f, ev in evaluators().items()}
+            work = WORK / f"{found['name']}-ep{c['episode']}"  # the search's budget, settings and device
+            work.mkdir(parents=True, exist_ok=True)
+            stages = make_stages(policy, weights, data, work, args)
+            m, _ = score(stages[-1][1], evaluator)
+            s = c["search"]
+            return {"episode": c["episode"], "reward": {f: got[f]["map50"] for f in got},
+                    "eval_seconds": {f: got[f]["eval_seconds"] for f in got},
+                    "final_map50": m["map50"], "final_map50_95": m["map50_95"],
+                    "final_minutes": sum(minutes for _, _, minutes in stages),
+                    "size": s["compression_ratio"], "flops": s["flops_ratio"], "bops": s["bops_ratio"]}
+        key = {"weights": digest(weights), "search": found["name"], "policy": c["policy"], "split": args.split,
+               "stages": stage_settings}
+        rows.append(kept(f"rank-{found['name']}-ep{c['episode']}", key, ranked))
+        print(f"episode {c['episode']:3}: " + "  ".join(f"{f} {v:.4f}" for f, v in rows[-1]["reward"].items())
+              + f"  final {rows[-1]['final_map50']:.4f}", flush=True)
+    forms = list(rows[0]["reward"])
     final = [r["final_map50"] for r in rows]
     summary = {"spearman": {f: tuple(float(v) for v in spearmanr([r["reward"][f] for r in rows], final))
                             for f in forms},
@@ -126,8 +135,8 @@ def main() -> None:
               f"`python benchmarks/reward_ranking.py {' '.join(sys.argv[1:])}`  \n"
               f"Final mAP50: {args.split} split of {data}, after {stage}. Rewards: the search's training chips.")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.md").write_text(markdown(rows, summary, header))
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    write_text(RESULTS / f"{args.out}.md", markdown(rows, summary, header))
+    write_text(RESULTS / f"{args.out}.json", json.dumps({"summary": summary, "rows": rows}, indent=2))
     print(markdown(rows, summary, header))
 
 

@@ -8,25 +8,60 @@ Writes benchmarks/results/baselines.md and .json (airbus; baselines_<dataset> fo
 Recipes: configs/<dataset>-prepare.yaml and configs/<dataset>-<model>.yaml (fixed seed).
 The weights land where each recipe's ``out`` says (runs/baselines/...) and are what the
 compression benchmarks start from.
+
+Every table is measured on these weights, so they are kept in the repository
+(benchmarks/weights/<dataset>-<model>.pt, with the training record beside it): a time-capped
+CPU training does not repeat bit for bit, and a fresh checkout restores them into
+runs/baselines/ instead of training again (``--retrain`` trains anyway and replaces them).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import platform
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from rsdet_compress.atomic import atomic_path, write_json, write_text
 from rsdet_compress.config import load_config
 from rsdet_compress.data.prepare import PrepareConfig, prepare
 from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.engine.trainer import TrainConfig, train
+from rsdet_compress.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+KEPT = REPO / "benchmarks" / "weights"  # the weights every table was measured on (committed)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def keep(dataset: str, model: str, out: Path) -> None:
+    """Copy a finished training's best.pt and record into benchmarks/weights/."""
+    _copy(out / "weights" / "best.pt", KEPT / f"{dataset}-{model}.pt")
+    _copy(out / "metrics.json", KEPT / f"{dataset}-{model}.metrics.json")
+
+
+def restore(dataset: str, model: str, out: Path) -> bool:
+    """Put the kept weights and record back where the recipe's ``out`` says; False if none are kept."""
+    kept = KEPT / f"{dataset}-{model}.pt"
+    if not kept.is_file():
+        return False
+    _copy(kept, out / "weights" / "best.pt")
+    _copy(kept.with_suffix(".metrics.json"), out / "metrics.json")
+    print(f"{model}: restored {kept.relative_to(REPO)} into {out}")
+    return True
 
 
 def _prepare(dataset: str) -> Path:
@@ -47,7 +82,7 @@ def _row(model: str, train_result: dict | None, weights: Path, data_yaml: Path) 
         "train_minutes": round(train_result["train_seconds"] / 60, 1) if train_result else None,
         "test_ap50_per_class": {c: ap["ap50"] for c, ap in test["per_class"].items()},
         "test_images": test["images"], "images_per_second": round(test["images_per_second"], 2),
-        "weights": str(weights),
+        "weights": str(weights), "sha256": sha256(weights),
     }
 
 
@@ -62,10 +97,12 @@ def _markdown(rows: list[dict], command: str, dataset: str) -> str:
         + "".join(f"{r['test_ap50_per_class'][c]:.4f} | " for c in classes)
         + f"{r['epochs']} | {r['train_minutes']} | {r['images_per_second']} |\n"
         for r in rows)
-    cpu = platform.processor() or platform.machine()
-    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
+    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; "
            "inference = batch 16 forward + NMS on the test chips (CPU)")
-    return f"# Baselines: {dataset}, trained from scratch on CPU\n\n{head}{body}\n{env}\n\nCommand: `{command}`\n"
+    kept = "".join(f"- {r['model']}: `benchmarks/weights/{dataset}-{r['model']}.pt` (sha256 {r['sha256'][:16]})\n"
+                   for r in rows)
+    return (f"# Baselines: {dataset}, trained from scratch on CPU\n\n{head}{body}\n{env}\n\n"
+            f"Weights every compression table of this data set starts from:\n{kept}\nCommand: `{command}`\n")
 
 
 def main() -> int:
@@ -80,20 +117,26 @@ def main() -> int:
     for model in args.models.split(","):
         cfg = load_config(REPO / "configs" / f"{args.dataset}-{model}.yaml", TrainConfig)
         result = None
-        metrics = Path(cfg.out) / "metrics.json"
+        out = Path(cfg.out)
+        metrics = out / "metrics.json"
+        if not (args.retrain or metrics.is_file()):
+            restore(args.dataset, model, out)
         if not args.skip_train and (args.retrain or not metrics.is_file()):
             t0 = time.time()
             result = train(cfg)
             print(f"{model}: trained in {(time.time() - t0) / 60:.1f} min")
+            keep(args.dataset, model, out)
         else:  # finished earlier: reuse its weights and training record
             result = json.loads(metrics.read_text()) if metrics.is_file() else None
-        weights = Path(cfg.out) / "weights" / "best.pt"
+            if result and not (KEPT / f"{args.dataset}-{model}.pt").is_file():
+                keep(args.dataset, model, out)
+        weights = out / "weights" / "best.pt"
         rows.append(_row(model, result, weights, data_yaml))
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(["benchmarks/train_baselines.py", *sys.argv[1:]])
     stem = "baselines" if args.dataset == "airbus" else f"baselines_{args.dataset}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
-    (RESULTS / f"{stem}.md").write_text(_markdown(rows, command, args.dataset))
+    write_json(RESULTS / f"{stem}.json", rows)
+    write_text(RESULTS / f"{stem}.md", _markdown(rows, command, args.dataset))
     print(_markdown(rows, command, args.dataset))
     return 0
 
