@@ -25,6 +25,8 @@ The latency table of ``search --budget latency=...`` (runtime/latency_table.py) 
 the same run: its batch-1 prediction for each ``--compressed`` policy on each runtime, from
 this run's fp32 latency, against the measured int8 file (onnx-int8 on onnxruntime, the
 onnx-int8 QDQ graph on OpenVINO, boxes decoded in the graph).
+With ``--profile``, each file's batch-1 pass is then broken down by operator and kernel
+(``rsdet-compress benchmark --profile``): where the time goes, and which layers really ran int8.
 Writes benchmarks/results/<--out>.{md,json}.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
@@ -50,6 +53,7 @@ from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.runtime.latency_table import LatencyTable
 from rsdet_compress.runtime.onnx_meta import META_KEY, read_meta
 from rsdet_compress.runtime.openvino import bin_path, require_openvino
+from rsdet_compress.runtime.profile import format_profile, profile
 from rsdet_compress.search.latency_cost import LatencyCost
 from rsdet_compress.settings import runs_root
 
@@ -178,6 +182,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both runtimes (default: all)")
+    ap.add_argument("--profile", action="store_true", help="also each file's batch-1 time per operator and kernel")
     ap.add_argument("--out", default="runtime_compare")
     args = ap.parse_args()
     batches = tuple(int(b) for b in args.batches.split(","))
@@ -221,11 +226,17 @@ def main() -> None:
                   f"{100 * p['error']:+.1f}% |" for p in preds]
     else:
         table = []
+    profiles = [(name, profile(path, 1, runs=20, threads=args.threads)) for name, _, path in made] \
+        if args.profile else []
+    table += ["", "## Where the time goes: batch 1, per operator and kernel (runtime profilers)"] if profiles else []
+    for name, prof in profiles:
+        table += ["", f"### {name}", "", format_profile(prof, top=8)]
     text = markdown(rows, batches, header) + "\n".join(table) + ("\n" if table else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_text(RESULTS / f"{args.out}.md", text)
     write_text(RESULTS / f"{args.out}.json", json.dumps({"machine": info, "load_average": load, "rows": rows,
-                                                           "latency_table": preds, "command": command},
+                                                           "latency_table": preds, "command": command,
+                                                           "profiles": [{"name": n, **asdict(p)} for n, p in profiles]},
                                                           indent=2, default=float))
     print(text)
 

@@ -2,7 +2,7 @@
 
 Public API (the CLI ``rsdet-compress`` is a thin layer over these)::
 
-    from rsdet_compress import create_detector, list_detectors, prepare, train, evaluate, predict, recover
+    from rsdet_compress import create_detector, list_detectors, prepare, train, evaluate, predict, recover, profile
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 from rsdet_compress.errors import UserError  # noqa: E402
 
 __all__ = ["UserError", "create_detector", "list_detectors", "prepare", "train", "evaluate", "predict",
-           "load_detector", "recover", "__version__"]
+           "load_detector", "recover", "profile", "__version__"]
 
 
 def __getattr__(name: str):
@@ -49,6 +49,9 @@ def __getattr__(name: str):
     if name == "recover":
         from rsdet_compress.engine.recovery import recover
         return recover
+    if name == "profile":
+        from rsdet_compress.runtime.profile import profile
+        return profile
     if name == "predict":
         from rsdet_compress.engine.predictor import predict
         return predict

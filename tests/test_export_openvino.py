@@ -23,6 +23,7 @@ from rsdet_compress.export.exporter import INT8_TOLERANCE, ONNX_QDQ_TOLERANCE, O
 from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.runtime.loader import load_model
 from rsdet_compress.runtime.openvino import OpenVinoDetector
+from rsdet_compress.runtime.profile import profile
 
 ov = pytest.importorskip("openvino")  # an optional extra: the suite installs it (scripts/test.sh)
 
@@ -101,6 +102,11 @@ def test_compressed_ir_fp32_and_nncf_int8_keep_map_via_cli(compressed, small_air
             assert op.input_value(0).get_node().get_type_name() != "FakeQuantize", op.get_friendly_name()
     meta = load_model(q["path"])[1]
     assert meta["precision"] == "int8" and meta["weight_code_bits"] == 7 and meta["compressed"]
+    # the profile says what the CPU plugin really ran: every quantized convolution on an int8 kernel
+    prof = profile(q["path"], batch=1, imgsz=160, runs=2, warmup=1)
+    convs = [o for o in prof.ops if o.op == "Convolution"]
+    assert sum(o.nodes for o in convs if "I8" in o.kernel.upper()) >= 0.9 * sum(o.nodes for o in convs) > 20
+    assert prof.wall_ms > 0 and abs(sum(o.share for o in prof.ops) - 1) < 1e-6
 
 
 def test_onnxruntime_quantized_ir_keeps_our_ranges(compressed, small_airbus, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import mlflow
+import onnx
 import pytest
 
 from rsdet_compress.cli.main import main
@@ -56,12 +57,19 @@ def test_rows_speedups_and_batch_cost(trained_yolov8n, float_onnx):
 def test_cli_writes_json_and_logs_mlflow(trained_yolov8n, float_onnx, tmp_path, capsys):
     out = tmp_path / "lat.json"
     rc = main(["benchmark", "--weights", str(trained_yolov8n), "--onnx", str(float_onnx), "--batch", "1",
-               "--runs", "2", "--warmup", "1", "--imgsz", "128", "--device", "cpu", "--out", str(out)])
+               "--runs", "2", "--warmup", "1", "--imgsz", "128", "--device", "cpu", "--out", str(out), "--profile"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "median ms" in text and "float.onnx" in text and "onnxruntime" in text
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 2 and data["config"]["runs"] == 2 and data["machine"]["onnxruntime"]
+    # --profile: the ONNX file's operators (the .pt has no runtime profiler), every Conv node of the graph timed
+    assert "| operator | kernel | nodes | ms / pass | share |" in text
+    (prof,) = data["profiles"]
+    ops = {o["op"]: o for o in prof["ops"]}
+    graph_convs = sum(n.op_type == "Conv" for n in onnx.load(str(float_onnx)).graph.node)
+    assert ops["Conv"]["nodes"] == graph_convs > 50 and ops["Conv"]["ms"] > 0
+    assert prof["runs"] == 2 and prof["batch"] == 1 and prof["imgsz"] == 128
     runs = mlflow.search_runs(experiment_names=["rsdet-compress"], filter_string="tags.stage = 'benchmark'")
     assert len(runs) == 1
     assert runs.iloc[0]["metrics.m1_float.onnxruntime.cpu.b1.median_ms"] > 0

@@ -42,6 +42,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
         machine,
     )
     from rsdet_compress.runtime.openvino import require_openvino
+    from rsdet_compress.runtime.profile import PROFILED, format_profile, profile
     from rsdet_compress.tracking.mlflow_tracker import Tracker
     artifacts = [*args.weights, *args.onnx, *args.openvino]
     if not artifacts:
@@ -66,8 +67,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
             raise UserError(f"{a}: model file not found")
     tracker = Tracker(enabled=args.track).check()  # a dead store: one line in seconds, before any timing
     rows = benchmark(artifacts, cfg)
+    profiles = [profile(a, cfg.batches[0], cfg.imgsz, cfg.runs, cfg.warmup, cfg.threads, cfg.seed)
+                for a in artifacts if cfg.profile and Path(a).suffix.lower() in PROFILED]
     info = machine(cfg.threads)
-    result = {"machine": info, "config": asdict(cfg), "rows": [asdict(r) for r in rows]}
+    result = {"machine": info, "config": asdict(cfg), "rows": [asdict(r) for r in rows],
+              **({"profiles": [asdict(p) for p in profiles]} if cfg.profile else {})}
     if args.out:  # the result first: logging may still fail, it must not cost the measurements
         write_json(args.out, result)
     if args.json:
@@ -77,6 +81,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
         print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}, "
               f"onnxruntime {info['onnxruntime']}" + (f", {info['gpu']}" if "gpu" in info else "")
               + f"; {cfg.runs} runs after {cfg.warmup} warm-up", flush=True)
+        for p in profiles:
+            print("\n" + format_profile(p), flush=True)
     with tracker.run("benchmark", params={"models": ", ".join(Path(a).name for a in artifacts), **info,
                                           "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup},
                      tags={"stage": "benchmark"}):

@@ -50,6 +50,8 @@ class LatencyConfig:
     devices: tuple[str, ...] = DEVICES
     #: seed of the random input batch
     seed: int = 0
+    #: also time every operator of each ONNX / OpenVINO file (first batch size): where a pass's time goes
+    profile: bool = False
 
     def __post_init__(self) -> None:
         """Bad values fail before any model is loaded; 0 is an error, never "the default"."""

@@ -39,7 +39,8 @@ class OnnxDetector(nn.Module):
     """
 
     def __init__(self, path: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, profile: str | None = None) -> None:
+        """``profile``: a file prefix; onnxruntime then records every node's time (``session.end_profiling``)."""
         super().__init__()
         # onnx and onnxruntime are only needed to run an ONNX file: kept out of the CLI's start-up
         import onnx
@@ -59,6 +60,8 @@ class OnnxDetector(nn.Module):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.log_severity_level = 3
+        if profile:
+            opts.enable_profiling, opts.profile_file_prefix = True, profile
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers or _providers())
         except Exception as e:

@@ -73,7 +73,8 @@ class OpenVinoDetector(nn.Module):
     answers device and dtype; inference always runs on the CPU plugin.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, profile: bool = False) -> None:
+        """``profile``: the CPU plugin records every node's time (``request(shape).get_profiling_info()``)."""
         super().__init__()
         ov = require_openvino()
         self.path = Path(path)
@@ -93,7 +94,7 @@ class OpenVinoDetector(nn.Module):
         if meta is None:
             raise UserError(f"{self.path}: not an rsdet-compress OpenVINO IR (no '{META_KEY}' runtime info)")
         self.meta = meta
-        self.config = compile_config(threads)
+        self.config = {**compile_config(threads), **({"PERF_COUNT": True} if profile else {})}
         #: box decoding outside the graph (``decode: host`` files), else None
         self.decoder = HostDecoder.from_meta(meta)
         self.names = dict(enumerate(meta.get("names") or []))
