@@ -132,3 +132,23 @@ def test_least_squares_refit_absorbs_a_pruned_redundant_channel():
         pruned.bias.copy_(b)
         after = float(((pruned(x) - y) ** 2).mean())
     assert before > 0.01 and after < 1e-3 * before
+
+
+def test_half_cache_fits_like_the_fp32_cache_in_half_the_memory(compressed, small_airbus, tmp_path, capsys):
+    """The fp16 activation cache (default) against ``--no-half-cache``: same fit, half the bytes per chip."""
+    reports = {}
+    for flag in ("--half-cache", "--no-half-cache"):
+        rc = main([str(a) for a in ["recover", "--weights", compressed, "--data", small_airbus, "--images", "16",
+                                    "--iters", "3", "--out", tmp_path / f"{flag}.pt", "--no-val", "--no-track",
+                                    "--json", flag]])
+        assert rc == 0
+        reports[flag] = json.loads(capsys.readouterr().out)
+    half, full = (reports[f]["layers"] for f in ("--half-cache", "--no-half-cache"))
+    assert [r["layer"] for r in half] == [r["layer"] for r in full]
+    ratios = sorted(h["error_after"] / f["error_after"] for h, f in zip(half, full, strict=True)
+                    if f["error_after"] > 1e-8)
+    print(f"error_after fp16 / fp32 cache per layer: min {ratios[0]:.3f}, median {ratios[len(ratios) // 2]:.3f}, "
+          f"max {ratios[-1]:.3f}")
+    assert len(ratios) >= 15 and 0.97 < ratios[len(ratios) // 2] < 1.03 and 0.8 < ratios[0] and ratios[-1] < 1.25
+    # the memory check and the report count what is held: the activations at half the bytes, the chips as they are
+    assert reports["--half-cache"]["cache_gib"] < 0.6 * reports["--no-half-cache"]["cache_gib"]

@@ -25,7 +25,8 @@ unit also compensates what earlier units could not recover. Per unit:
 
 Structure and bit-widths never change: only values of existing Parameters
 and of activation ranges move. Everything runs on the images given (training
-chips), held in memory per unit: the live activations of both models.
+chips), held in memory per unit: the live activations of both models, kept in
+fp16 (``half_cache``) and computed on in fp32.
 """
 from __future__ import annotations
 
@@ -65,12 +66,20 @@ class ReconstructConfig:
     least_squares: bool = True
     #: seeds the batch sampling and the QDrop masks.
     seed: int = 0
+    #: keep the cached activations (inputs and targets of every unit, both models) in fp16, computing in fp32:
+    #: half the memory, so twice the chips fit (SkyNet at 416 px: 256 chips need ~20 GiB in fp32). fp16 rounds
+    #: a target by ~5e-4 of its value, far below the 4-bit quantization errors being fitted.
+    half_cache: bool = True
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return torch.float16 if self.half_cache else torch.float32
 
 
 def _inputs(store: dict[int, Tensor], source: int | list[int], index: int, rows: Tensor | slice):
     """A unit's input for ``rows`` of the stored outputs (ultralytics' ``m.f`` convention)."""
     def get(j: int) -> Tensor:
-        return store[index - 1 if j == -1 else j][rows]
+        return store[index - 1 if j == -1 else j][rows].float()
     return [get(j) for j in source] if isinstance(source, list) else get(source)
 
 
@@ -106,13 +115,14 @@ def _mix(xc, xf, maps, drop: float, gen: torch.Generator):
 class _Store:
     """Live layer outputs of one model over all images (what later layers still read), on the CPU."""
 
-    def __init__(self, images: Tensor, needed: dict[int, int]) -> None:
+    def __init__(self, images: Tensor, needed: dict[int, int], dtype: torch.dtype) -> None:
         self.data: dict[int, Tensor] = {-1: images}
         self.needed = needed  # layer -> last layer that reads it
+        self.dtype = dtype  # what the outputs are kept in (read back as fp32 by ``_inputs``)
 
     def put(self, index: int, value: Tensor | None) -> None:
         if value is not None:
-            self.data[index] = value
+            self.data[index] = value.to(self.dtype)
         for k in [k for k in self.data if k >= 0 and self.needed.get(k, -1) <= index]:
             del self.data[k]
         if index >= 0 and -1 in self.data:
@@ -129,12 +139,13 @@ def _readers(units: list[Unit]) -> dict[int, int]:
 
 
 @torch.no_grad()
-def _run(module: nn.Module, store: dict[int, Tensor], unit: Unit, n: int, chunk: int) -> Tensor | list[Tensor]:
-    """``module`` over all ``n`` stored inputs in chunks: a tensor, or a head's flattened outputs."""
+def _run(module: nn.Module, store: dict[int, Tensor], unit: Unit, n: int, chunk: int,
+         dtype: torch.dtype) -> Tensor | list[Tensor]:
+    """``module`` over all ``n`` stored inputs in chunks: a tensor, or a head's flattened outputs (in ``dtype``)."""
     outs = []
     for s in range(0, n, chunk):
         out = module(_inputs(store, unit.source, unit.index, slice(s, s + chunk)))
-        outs.append(out if isinstance(out, Tensor) else _flat(out))
+        outs.append(out.to(dtype) if isinstance(out, Tensor) else [t.to(dtype) for t in _flat(out)])
     if isinstance(outs[0], Tensor):
         return torch.cat(outs)
     return [torch.cat(parts) for parts in zip(*outs, strict=True)]
@@ -154,7 +165,7 @@ def _as_list(x) -> list[Tensor]:
 def _unit_error(unit: Unit, store: dict[int, Tensor], target: list[Tensor], rows: Tensor | slice) -> float:
     with torch.no_grad():
         return float(_error(_flat(unit.compressed(_inputs(store, unit.source, unit.index, rows))),
-                            [t[rows] for t in target]))
+                            [t[rows].float() for t in target]))
 
 
 def _fit_ranges(unit: Unit, store: dict[int, Tensor], rows: Tensor, factors: tuple[float, ...]) -> int:
@@ -217,7 +228,7 @@ def _fit_weights(unit: Unit, units: list[Unit], cstore: dict[int, Tensor], fstor
             xc = _inputs(cstore, unit.source, unit.index, rows)
             if cfg.drop > 0 and unit.index > 0:
                 xc = _mix(xc, _inputs(fstore, unit.source, unit.index, rows), maps, cfg.drop, gen)
-            loss = _error(_flat(module(xc)), [t[rows] for t in target])
+            loss = _error(_flat(module(xc)), [t[rows].float() for t in target])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -229,8 +240,8 @@ def _fit_weights(unit: Unit, units: list[Unit], cstore: dict[int, Tensor], fstor
     return steps
 
 
-def activation_bytes(units: list[Unit], imgsz: int, n: int) -> int:
-    """Peak bytes of the activations :func:`reconstruct` keeps for ``n`` images (both models, fp32).
+def activation_bytes(units: list[Unit], imgsz: int, n: int, dtype: torch.dtype = torch.float16) -> int:
+    """Peak bytes of the activations :func:`reconstruct` keeps for ``n`` images (both models, in ``dtype``).
 
     One probe image through the float layers gives each output's size; a layer's output lives
     until the last layer that reads it, as in :class:`_Store` (plus the image batch itself).
@@ -251,7 +262,7 @@ def activation_bytes(units: list[Unit], imgsz: int, n: int) -> int:
             for k in [k for k in sizes if readers.get(k, -1) <= u.index and k in outs]:
                 live -= sizes[k]
                 del outs[k]
-    return 2 * 4 * n * peak
+    return 2 * dtype.itemsize * n * peak
 
 
 def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budget_seconds: float | None = None,
@@ -267,7 +278,8 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
     n = len(images)
     gen = torch.Generator().manual_seed(cfg.seed)
     needed = _readers(units)
-    fstore, cstore = _Store(images, needed), _Store(images, needed)
+    images = images.to(cfg.cache_dtype)  # 0..1 in 1/255 steps: fp16 keeps each within 5e-4 of its value
+    fstore, cstore = _Store(images, needed, cfg.cache_dtype), _Store(images, needed, cfg.cache_dtype)
     probe = torch.arange(min(n, 64))
     start = time.monotonic()
     modes = {m: m.training for u in units for m in (u.float, u.compressed)}
@@ -278,7 +290,8 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
             u.float.eval()
             u.compressed.eval()
             t0 = time.monotonic()
-            fout = _run(u.float, fstore.data, u, n, chunk)  # what the next float layers read: every channel
+            # what the next float layers read: every channel
+            fout = _run(u.float, fstore.data, u, n, chunk, cfg.cache_dtype)
             target = _as_list(fout if u.head else select(fout, u.out_map))
             before = _unit_error(u, cstore.data, target, probe)
             steps = shrunk = clipped = 0
@@ -300,7 +313,7 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
                 steps = _fit_weights(u, units, cstore.data, fstore.data, target, n, cfg, gen, deadline)
             after = _unit_error(u, cstore.data, target, probe) if fit else before
             if not u.head:
-                cout = _run(u.compressed, cstore.data, u, n, chunk)
+                cout = _run(u.compressed, cstore.data, u, n, chunk, cfg.cache_dtype)
                 fstore.put(u.index, fout if u.index in needed else None)
                 cstore.put(u.index, cout if u.index in needed else None)
             row = {"layer": u.name, "error_before": before, "error_after": after, "steps": steps,

@@ -148,7 +148,7 @@ def recover(cfg: RecoverConfig | None = None, **kwargs) -> dict:
     model.to(device)
     float_model.to(device)
     units = build_units(view.model, model, view, policy)
-    need = activation_bytes(units, imgsz, cfg.images) + chips.images.numel() * 4
+    need = activation_bytes(units, imgsz, cfg.images, cfg.cache_dtype) + chips.images.numel() * 4
     free = psutil.virtual_memory().available
     if need > MEMORY_SHARE * free:
         fit = max(1, int(cfg.images * MEMORY_SHARE * free / need))
@@ -188,7 +188,8 @@ def recover(cfg: RecoverConfig | None = None, **kwargs) -> dict:
         seconds = time.time() - t0
         del images
         report = {"weights": str(out), "source": str(cfg.weights), "float_weights": meta.get("float_weights"),
-                  "images": len(chips), "seconds": round(seconds, 1), "layers": rows,
+                  "images": len(chips), "cache_gib": round(need / 2**30, 4), "seconds": round(seconds, 1),
+                  "layers": rows,
                   "config": params, "mlflow_run_id": run_id, "parent_run": parent}
         keep = {k: v for k, v in meta.items() if k not in ("detector", "num_classes", "names", "compressed")}
         save_detector(model.cpu(), out, {**keep, "recovered": {k: v for k, v in report.items() if k != "weights"}})
