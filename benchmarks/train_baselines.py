@@ -17,7 +17,6 @@ runs/baselines/ instead of training again (``--retrain`` trains anyway and repla
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from ledger import digest
 
 from rsdet_compress.atomic import atomic_path, write_json, write_text
 from rsdet_compress.config import load_config
@@ -36,10 +36,6 @@ from rsdet_compress.machine import cpu_name
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 KEPT = REPO / "benchmarks" / "weights"  # the weights every table was measured on (committed)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -82,7 +78,7 @@ def _row(model: str, train_result: dict | None, weights: Path, data_yaml: Path) 
         "train_minutes": round(train_result["train_seconds"] / 60, 1) if train_result else None,
         "test_ap50_per_class": {c: ap["ap50"] for c, ap in test["per_class"].items()},
         "test_images": test["images"], "images_per_second": round(test["images_per_second"], 2),
-        "weights": str(weights), "sha256": sha256(weights),
+        "weights": str(weights), "sha256": digest(weights),
     }
 
 
