@@ -76,7 +76,7 @@ def _row(model: str, train_result: dict | None, weights: Path, data_yaml: Path) 
         "val_map50": train_result["final"]["map50"] if train_result else None,
         "epochs": train_result["epochs_run"] if train_result else None,
         "train_minutes": round(train_result["train_seconds"] / 60, 1) if train_result else None,
-        "test_ap50_per_class": {c: ap["ap50"] for c, ap in test["per_class"].items()},
+        "test_ap50_per_class": {c: (ap or {}).get("ap50") for c, ap in test["per_class"].items()},
         "test_images": test["images"], "images_per_second": round(test["images_per_second"], 2),
         "weights": str(weights), "sha256": digest(weights),
     }
@@ -90,7 +90,8 @@ def _markdown(rows: list[dict], command: str, dataset: str) -> str:
     body = "".join(
         f"| {r['model']} | {r['params']:,} | {r['gflops']:.2f} | {r['imgsz']} | {r['test_map50']:.4f} "
         f"| {r['test_map50_95']:.4f} | "
-        + "".join(f"{r['test_ap50_per_class'][c]:.4f} | " for c in classes)
+        + "".join("- | " if r["test_ap50_per_class"][c] is None else f"{r['test_ap50_per_class'][c]:.4f} | "
+                  for c in classes)  # a class with no test boxes has no AP
         + f"{r['epochs']} | {r['train_minutes']} | {r['images_per_second']} |\n"
         for r in rows)
     env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; "
