@@ -115,14 +115,13 @@ def _mix(xc, xf, maps, drop: float, gen: torch.Generator):
 class _Store:
     """Live layer outputs of one model over all images (what later layers still read), on the CPU."""
 
-    def __init__(self, images: Tensor, needed: dict[int, int], dtype: torch.dtype) -> None:
+    def __init__(self, images: Tensor, needed: dict[int, int]) -> None:
         self.data: dict[int, Tensor] = {-1: images}
         self.needed = needed  # layer -> last layer that reads it
-        self.dtype = dtype  # what the outputs are kept in (read back as fp32 by ``_inputs``)
 
     def put(self, index: int, value: Tensor | None) -> None:
         if value is not None:
-            self.data[index] = value.to(self.dtype)
+            self.data[index] = value
         for k in [k for k in self.data if k >= 0 and self.needed.get(k, -1) <= index]:
             del self.data[k]
         if index >= 0 and -1 in self.data:
@@ -279,7 +278,7 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
     gen = torch.Generator().manual_seed(cfg.seed)
     needed = _readers(units)
     images = images.to(cfg.cache_dtype)  # 0..1 in 1/255 steps: fp16 keeps each within 5e-4 of its value
-    fstore, cstore = _Store(images, needed, cfg.cache_dtype), _Store(images, needed, cfg.cache_dtype)
+    fstore, cstore = _Store(images, needed), _Store(images, needed)  # outputs come from _run in cache_dtype
     probe = torch.arange(min(n, 64))
     start = time.monotonic()
     modes = {m: m.training for u in units for m in (u.float, u.compressed)}
