@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rsdet_compress.atomic import write_json, write_text
-from rsdet_compress.machine import cpu_name
+from rsdet_compress.machine import cpu_label
 from rsdet_compress.search.runner import SearchConfig, search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'runs' / 'bench' / 'search_workers.db'}")
     (REPO / "runs" / "bench").mkdir(parents=True, exist_ok=True)
     rows = [run_one(int(k), args) for k in args.workers.split(",")]
-    cpu = cpu_name()
+    cpu = cpu_label()
     write_json(RESULTS / f"{args.out}.json", {"cpu": cpu, "cores": os.cpu_count(), "args": vars(args) | {
         "weights": str(args.weights), "data": str(args.data)}, "rows": rows})
     text = markdown(rows, args, cpu)

@@ -31,7 +31,7 @@ from rsdet_compress.config import load_config
 from rsdet_compress.data.prepare import PrepareConfig, prepare
 from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.engine.trainer import TrainConfig, train
-from rsdet_compress.machine import cpu_name
+from rsdet_compress.machine import cpu_label
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -82,6 +82,14 @@ def _row(model: str, train_result: dict | None, weights: Path, data_yaml: Path) 
     }
 
 
+def _merge(path: Path, rows: list[dict]) -> list[dict]:
+    """The earlier table's rows with this run's in place: ``--models skynet`` must not drop YOLOv8n's row."""
+    earlier = json.loads(path.read_text()) if path.is_file() else []
+    new = {r["model"]: r for r in rows}
+    merged = [new.pop(r["model"], r) for r in earlier]
+    return merged + list(new.values())
+
+
 def _markdown(rows: list[dict], command: str, dataset: str) -> str:
     classes = list(rows[0]["test_ap50_per_class"]) if rows else []
     head = ("| model | params | GFLOPs | imgsz | mAP50 (test) | mAP50-95 (test) | "
@@ -94,7 +102,7 @@ def _markdown(rows: list[dict], command: str, dataset: str) -> str:
                   for c in classes)  # a class with no test boxes has no AP
         + f"{r['epochs']} | {r['train_minutes']} | {r['images_per_second']} |\n"
         for r in rows)
-    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; "
+    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_label()}; "
            "inference = batch 16 forward + NMS on the test chips (CPU)")
     kept = "".join(f"- {r['model']}: `benchmarks/weights/{dataset}-{r['model']}.pt` (sha256 {r['sha256'][:16]})\n"
                    for r in rows)
@@ -132,6 +140,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(["benchmarks/train_baselines.py", *sys.argv[1:]])
     stem = "baselines" if args.dataset == "airbus" else f"baselines_{args.dataset}"
+    rows = _merge(RESULTS / f"{stem}.json", rows)
     write_json(RESULTS / f"{stem}.json", rows)
     write_text(RESULTS / f"{stem}.md", _markdown(rows, command, args.dataset))
     print(_markdown(rows, command, args.dataset))

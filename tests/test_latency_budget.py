@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from rsdet_compress import machine
 from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.errors import UserError
@@ -23,6 +24,17 @@ class MacsTable(LatencyTable):
         macs = shape.out_c * shape.in_c // shape.groups * shape.kernel ** 2 * (shape.h // shape.stride) * (
             shape.w // shape.stride)
         return macs / 1e7 * (0.5 if shape.int8 else 1.0)
+
+
+def test_table_file_is_per_instruction_set(monkeypatch):
+    """Two machines named alike ("AMD EPYC") but one with AVX-512 VNNI run int8 convs at other speeds: their
+    measured tables must not be shared."""
+    from rsdet_compress.runtime import latency_table
+    here = latency_table.table_path("onnxruntime", 2)
+    assert machine.cpu_isa() in machine.cpu_label()
+    isa = machine.cpu_isa()
+    monkeypatch.setattr(machine, "cpu_isa", lambda: "avx2" if "vnni" in isa else "avx512f+avx512_vnni+avx2")
+    assert latency_table.table_path("onnxruntime", 2) != here
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])

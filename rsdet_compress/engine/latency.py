@@ -24,7 +24,7 @@ import torch
 
 from rsdet_compress.engine.scorer import check_imgsz
 from rsdet_compress.errors import UserError
-from rsdet_compress.machine import cpu_name
+from rsdet_compress.machine import cpu_label
 from rsdet_compress.runtime.loader import OnnxDetector, load_model
 from rsdet_compress.runtime.openvino import OV_SUFFIX, OpenVinoDetector, bin_path
 
@@ -228,7 +228,7 @@ def machine(threads: int | None = None) -> dict:
         info["openvino"] = openvino.__version__
     except ImportError:
         pass
-    info["cpu"] = cpu_name()
+    info["cpu"] = cpu_label()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

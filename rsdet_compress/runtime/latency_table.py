@@ -31,7 +31,7 @@ from torch import nn
 
 from rsdet_compress.atomic import write_json
 from rsdet_compress.errors import UserError
-from rsdet_compress.machine import cpu_name
+from rsdet_compress.machine import cpu_label
 from rsdet_compress.runtime.openvino import compile_config, require_openvino
 from rsdet_compress.settings import runs_root
 
@@ -66,7 +66,7 @@ def _runtime_version(runtime: str) -> str:
 
 def table_path(runtime: str, threads: int) -> Path:
     """``$RSDET_RUNS/latency/<runtime>-t<threads>-<machine hash>.json``."""
-    machine = f"{cpu_name()}|{os.cpu_count()}|{runtime} {_runtime_version(runtime)}"
+    machine = f"{cpu_label()}|{os.cpu_count()}|{runtime} {_runtime_version(runtime)}"
     digest = hashlib.sha1(machine.encode()).hexdigest()[:10]
     return runs_root() / "latency" / f"{runtime}-t{threads}-{digest}.json"
 
@@ -120,7 +120,7 @@ class LatencyTable:
         return self.entries[shape.key]
 
     def save(self) -> None:
-        write_json(self.path, {"runtime": self.runtime, "threads": self.threads, "cpu": cpu_name(),
+        write_json(self.path, {"runtime": self.runtime, "threads": self.threads, "cpu": cpu_label(),
                                "runtime_version": _runtime_version(self.runtime), "runs": self.runs,
                                "entries": self.entries})
 
