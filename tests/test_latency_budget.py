@@ -10,6 +10,7 @@ from rsdet_compress import machine
 from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.errors import UserError
+from rsdet_compress.runtime import latency_table
 from rsdet_compress.runtime.latency_table import ConvShape, LatencyTable
 from rsdet_compress.search import latency_cost as lc
 from rsdet_compress.search.budget import Budget
@@ -29,10 +30,9 @@ class MacsTable(LatencyTable):
 def test_table_file_is_per_instruction_set(monkeypatch):
     """Two machines named alike ("AMD EPYC") but one with AVX-512 VNNI run int8 convs at other speeds: their
     measured tables must not be shared."""
-    from rsdet_compress.runtime import latency_table
     here = latency_table.table_path("onnxruntime", 2)
-    assert machine.cpu_isa() in machine.cpu_label()
     isa = machine.cpu_isa()
+    assert isa in machine.cpu_label()
     monkeypatch.setattr(machine, "cpu_isa", lambda: "avx2" if "vnni" in isa else "avx512f+avx512_vnni+avx2")
     assert latency_table.table_path("onnxruntime", 2) != here
 
