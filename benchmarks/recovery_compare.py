@@ -41,6 +41,7 @@ from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.compress.cost import estimate
 from rsdet_compress.compress.policy import Policy
+from rsdet_compress.compress.rounding import round_policy
 from rsdet_compress.config import load_config
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.data.evalset import EvalSet
@@ -165,6 +166,9 @@ def add_stage_args(ap: argparse.ArgumentParser, iters: int) -> None:
     ap.add_argument("--recover-minutes", type=float, default=None,
                     help="recover: wall-clock cap (--budget-minutes), spread over the layers")
     ap.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after recovery (0: none)")
+    ap.add_argument("--round8", action="store_true",
+                    help="round kept channel counts up to multiples of 8 when compressing (what int8 CPU kernels "
+                         "run fast; the deployed structure, for latency tables)")
     ap.add_argument("--device", default="cpu",
                     help="cpu, or 0 for the first GPU: searches, recover, QAT and scoring run there (compress on "
                          "CPU); stage outputs then go to <name>-gpu folders, so their minutes are never mixed")
@@ -210,9 +214,19 @@ def row(name: str, stage: str, m: dict, minutes: float | None, ratios: dict, ci:
             "dmap50": m["map50"] - ref["map50"], "ci95": ci, "minutes": minutes, **ratios}
 
 
-def markdown(rows: list[dict], header: str) -> str:
+def box_counts(evalset: EvalSet) -> dict[str, int]:
+    """Ground-truth boxes per class in ``evalset``: a class's AP over a handful of boxes moves in big steps."""
+    coco = evalset.coco
+    return {name: len(coco.getAnnIds(imgIds=evalset.image_ids, catIds=[cid]))
+            for name, cid in zip(evalset.class_names, evalset.category_ids, strict=True)}
+
+
+def markdown(rows: list[dict], header: str, boxes: dict[str, int] | None = None) -> str:
     classes = list(rows[0]["ap50"])
-    cols = ["policy", "stage", "mAP50", "mAP50-95", *[f"AP50 {c}" for c in classes], "ΔmAP50 vs fp32 [95% CI]",
+    boxes = boxes or {}
+    cols = ["policy", "stage", "mAP50", "mAP50-95",
+            *[f"AP50 {c}" + (f" ({boxes[c]} boxes)" if c in boxes else "") for c in classes],
+            "ΔmAP50 vs fp32 [95% CI]",
             "size x", "FLOPs x", "BOPs x", "stage min"]
     out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
@@ -233,7 +247,8 @@ def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args,
     With ``ablate_least_squares`` it also recovers without the LS re-fit (Adam alone); QAT
     starts from the LS recovery."""
     comp = work / "compressed.pt"
-    stages = [("calibrated", comp, timed(comp, lambda: compress(weights, policy, comp, data=data, calib_images=64)))]
+    stages = [("calibrated", comp, timed(comp, lambda: compress(weights, policy, comp, data=data, calib_images=64,
+                                                                round8=getattr(args, "round8", False))))]
     for ls in sorted({True, not ablate_least_squares}):
         cap = f"-m{args.recover_minutes:g}" if args.recover_minutes else ""
         rec = work / f"recovered-i{args.images}-s{args.iters}{cap}{'-ls' if ls else ''}.pt"
@@ -291,9 +306,14 @@ def main() -> None:
             policies.append((f"uniform {spec} @ {args.budget}", policy))
     stage_settings = {k: getattr(args, k) for k in ("images", "iters", "recover_minutes", "qat_epochs",
                                                      "qat_config", "ablate_least_squares", "device", "bootstrap")}
+    if args.round8:  # another structure: other stage folders and ledger records than the unrounded policy's
+        stage_settings["round8"] = True
+        policies = [(f"{name}, kept x8", policy) for name, policy in policies]
     for name, policy in policies:
         work = WORK / (re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{weights.parent.parent.name}-{name}") + gpu_suffix(args))
-        ratios = {k: v for k, v in estimate(ws.view, ws.resolve(policy)).ratios(float_cost).items()
+        resolved = ws.resolve(policy)
+        resolved = round_policy(ws, resolved)[0] if args.round8 else resolved  # what compress(round8=True) applies
+        ratios = {k: v for k, v in estimate(ws.view, resolved).ratios(float_cost).items()
                   if k in ("size", "flops", "bops")}
 
         def policy_rows(name=name, policy=policy, work=work, ratios=ratios) -> list[dict]:
@@ -313,9 +333,10 @@ def main() -> None:
               f"Stage minutes: wall time of the run that made the stage, on this machine"
               f"{'' if args.device == 'cpu' else f' (device {args.device}; compress on CPU)'}.")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text(RESULTS / f"{args.out}.md", markdown(rows, header))
+    boxes = box_counts(evalset)
+    write_text(RESULTS / f"{args.out}.md", markdown(rows, header, boxes))
     write_text(RESULTS / f"{args.out}.json", json.dumps(rows, indent=2))
-    print(markdown(rows, header))
+    print(markdown(rows, header, boxes))
 
 
 if __name__ == "__main__":

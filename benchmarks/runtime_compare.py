@@ -16,7 +16,11 @@ the load average at the start is written into the table):
 * each ``--compressed`` checkpoint exported as ``onnx-int8``, ``openvino`` (fp32 weights, our
   activation ranges as FakeQuantize), ``openvino-int8`` by NNCF and by onnxruntime (the
   onnx-int8 QDQ graph with our activation ranges, converted), with each
-  ``--decode`` (boxes decoded in the graph, or on the host after it).
+  ``--decode`` (boxes decoded in the graph, or on the host after it); ``--variants`` picks among
+  these four exports;
+* each ``--uniform w8a8p50``: the float weights uniformly pruned (kept channels rounded up to
+  multiples of 8) and quantized, calibrated only, exported the same ways: how latency falls
+  with pruning depth (its mAP is before recovery: a latency row, not an accuracy one).
 
 Columns: mAP50 and AP50 per class on ``--split``, file MB, median and p90 ms at each batch,
 speed-up against fp32 onnxruntime and against fp32 on the same runtime. Artifacts are kept
@@ -40,10 +44,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import onnx
+from recovery_compare import uniform_policy
 
 from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.calibration import calibration_set, image_batches
-from rsdet_compress.compress.compressor import Workspace
+from rsdet_compress.compress.compressor import Workspace, compress
 from rsdet_compress.engine.latency import LatencyConfig, benchmark, machine
 from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.export.exporter import export
@@ -60,6 +65,14 @@ from rsdet_compress.settings import runs_root
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 WORK = runs_root() / "bench" / "runtime"
+#: exports of each --compressed checkpoint: name -> (row label, runtime, export format, file suffix, OpenVINO quantizer)
+VARIANTS = {
+    "onnx-int8": ("onnx-int8", "onnxruntime", "onnx-int8", ".int8.onnx", "nncf"),
+    "openvino": ("openvino, fp32 weights + our activation FQ", "openvino", "openvino", ".xml", "nncf"),
+    "openvino-int8": ("openvino-int8, NNCF", "openvino", "openvino-int8", ".int8.xml", "nncf"),
+    "openvino-int8-ortq": ("openvino-int8, onnx-int8 QDQ (our ranges)", "openvino", "openvino-int8", ".ortq.int8.xml",
+                           "onnxruntime"),
+}
 
 
 def ort_default_int8(fp32_onnx: Path, out: Path, calib) -> Path:
@@ -97,6 +110,18 @@ def nncf_default_int8(fp32_onnx: Path, out: Path, calib) -> Path:
     return out
 
 
+def compressed(args, work: Path) -> list[str]:
+    """``--compressed`` NAME=PATH specs, then one per ``--uniform`` (compressed here, calibrated only, kept x8)."""
+    specs = list(args.compressed)
+    for spec in args.uniform:
+        out = work / f"uniform-{spec}-round8.pt"
+        if not out.is_file():
+            compress(args.weights, uniform_policy(Workspace.from_weights(args.weights), spec), out, data=args.data,
+                     calib_images=args.calib_images, round8=True)
+        specs.append(f"uniform {spec} (calibrated, kept channels x8)={out}")
+    return specs
+
+
 def artifacts(args) -> list[tuple[str, str, Path]]:
     """(row name, runtime, file) of every row, fp32 files first (each runtime's speed-up reference)."""
     weights, data = Path(args.weights), Path(args.data)
@@ -116,19 +141,15 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
             ("peer: int8, onnxruntime defaults", "onnxruntime", ort_default_int8(fp32_onnx, work / "ort-default.onnx",
                                                                                 calib)),
             ("peer: int8, NNCF defaults", "openvino", nncf_default_int8(fp32_onnx, work / "nncf-default.xml", calib))]
-    for spec in args.compressed:
+    for spec in compressed(args, work):
         name, _, path = spec.partition("=")
         src = Path(path)
         for decode in args.decode.split(","):
             tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") + ("" if decode == "graph" else f"-{decode}")
             how = "" if decode == "graph" else f", {decode} decode"
-            rows += [(f"{name}: onnx-int8{how}", "onnxruntime", made(src, "onnx-int8", f"{tag}.int8.onnx", decode)),
-                     (f"{name}: openvino, fp32 weights + our activation FQ{how}", "openvino",
-                      made(src, "openvino", f"{tag}.xml", decode)),
-                     (f"{name}: openvino-int8, NNCF{how}", "openvino", made(src, "openvino-int8", f"{tag}.int8.xml",
-                                                                            decode)),
-                     (f"{name}: openvino-int8, onnx-int8 QDQ (our ranges){how}", "openvino",
-                      made(src, "openvino-int8", f"{tag}.ortq.int8.xml", decode, "onnxruntime"))]
+            for v in args.variants.split(","):
+                label, runtime, fmt, suffix, quantizer = VARIANTS[v]
+                rows.append((f"{name}: {label}{how}", runtime, made(src, fmt, tag + suffix, decode, quantizer)))
     return rows
 
 
@@ -138,7 +159,7 @@ def predictions(args, rows: list[dict], threads: int | None) -> list[dict]:
     fp32 = {r["runtime"]: r["latency"]["1"]["median_ms"] for r in rows if r["name"] == "fp32"}
     measured = {"onnxruntime": ": onnx-int8", "openvino": ": openvino-int8, onnx-int8 QDQ (our ranges)"}
     out = []
-    for spec in args.compressed:
+    for spec in compressed(args, WORK / Path(args.weights).parent.parent.name / Path(args.weights).stem):
         name, _, path = spec.partition("=")
         policy = load_detector(path)[0].policy
         for runtime, suffix in measured.items():
@@ -177,14 +198,22 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="split the mAP is measured on")
     ap.add_argument("--compressed", action="append", default=[], metavar="NAME=PATH",
                     help="our compressed checkpoint (after recover / QAT) to export for both runtimes")
+    ap.add_argument("--uniform", action="append", default=[], metavar="w8a8p50",
+                    help="also a uniform policy (recovery_compare's w<bits>a<bits>p<percent>) compressed from "
+                         "--weights, calibrated only, kept channels rounded to multiples of 8: latency by depth")
     ap.add_argument("--calib-images", type=int, default=64, help="training chips for every int8 calibration")
     ap.add_argument("--decode", default="graph,host", help="box decoding of our exports, comma-separated")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"exports of each --compressed checkpoint, comma-separated from {','.join(VARIANTS)}")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both runtimes (default: all)")
     ap.add_argument("--profile", action="store_true", help="also each file's batch-1 time per operator and kernel")
     ap.add_argument("--out", default="runtime_compare")
     args = ap.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     batches = tuple(int(b) for b in args.batches.split(","))
     made = artifacts(args)
     load = os.getloadavg()
@@ -215,7 +244,7 @@ def main() -> None:
               f"openvino {info.get('openvino')}; {args.runs} runs after 5 warm-up per row, all rows in one run; "
               f"load average at the start {load[0]:.2f} / {load[1]:.2f} (1 / 5 min)\n\nCommand: `{command}`")
     preds = []
-    if 1 in batches and args.compressed:
+    if 1 in batches and (args.compressed or args.uniform):
         try:  # the measured table above is what this run is for: a failing check must not cost it
             preds = predictions(args, rows, args.threads)
         except Exception as e:  # noqa: BLE001
