@@ -49,7 +49,7 @@ def test_finetune_keeps_structure_and_bits_and_logs_under_the_search(trained_yol
     assert sum("weight_bits" in r for r in before.values()) > 50
     r = finetune(FinetuneConfig(weights=out, data=str(small_airbus), epochs=1, batch=8, fraction=0.25,
                                 teacher="auto", out=str(tmp_path / "ft"), val=False, seed=0, freeze_bn=True,
-                                learn_steps=True))
+                                learn_steps=True, keep_better=False))
     assert r["learned_step_convs"] > 50
     tuned, meta = load_detector(r["weights"])  # strict load: the learned steps were baked, not saved
     assert meta["compressed"] and structure(tuned) == before  # every shape, per-channel weight bits, act bits
@@ -67,6 +67,26 @@ def test_finetune_keeps_structure_and_bits_and_logs_under_the_search(trained_yol
     run = client.get_run(r["mlflow_run_id"])
     assert run.data.tags.get("mlflow.parentRunId") == search_run and run.data.tags["stage"] == "finetune"
     assert "final.map50" in run.data.metrics and "before.map50" in run.data.metrics
+
+
+def test_finetune_that_lowers_val_map_keeps_the_input_as_best(trained_yolov8n: Path, small_airbus: Path,
+                                                              tmp_path: Path):
+    out = compress(trained_yolov8n, _mixed_policy(trained_yolov8n), tmp_path / "c.pt", data=small_airbus,
+                   calib_images=16)["out"]
+    # a learning rate far too large for a trained model: one step-burst of SGD wrecks it
+    r = finetune(FinetuneConfig(weights=out, data=str(small_airbus), epochs=1, batch=8, fraction=0.25, lr0=0.5,
+                                out=str(tmp_path / "ft"), val=False, seed=0, track=False))
+    assert r["before"]["map50"] > 0.05  # the input detects, so "lower" below is a real drop
+    assert r["kept_input"] and r["tuned_final"]["map50"] < r["before"]["map50"]
+    assert r["final"] == r["before"] and Path(r["weights"]) == tmp_path / "ft" / "weights" / "best.pt"
+    kept, meta = load_detector(r["weights"])
+    source, _ = load_detector(out)
+    tuned, _ = load_detector(tmp_path / "ft" / "weights" / "last.pt")
+    assert all(torch.equal(p, q) for p, q in zip(kept.state_dict().values(), source.state_dict().values(),
+                                                 strict=True))
+    assert any(not torch.equal(p, q) for p, q in zip(tuned.state_dict().values(), source.state_dict().values(),
+                                                     strict=True))
+    assert meta["compressed"] and meta["finetune_not_kept"]["finetuned_val_map50"] == r["tuned_final"]["map50"]
 
 
 def test_distill_loss_is_zero_at_the_teacher_and_positive_elsewhere():

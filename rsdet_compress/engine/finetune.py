@@ -32,7 +32,7 @@ from torch import nn
 from rsdet_compress.atomic import write_text
 from rsdet_compress.compress.quant import QConv2d, bake_weight_steps, learn_weight_steps
 from rsdet_compress.data.config import load_data_config
-from rsdet_compress.detectors.checkpoint import check_classes
+from rsdet_compress.detectors.checkpoint import check_classes, save_detector
 from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.engine.trainer import DetectorTrainer, TrainConfig, _overrides
 from rsdet_compress.errors import UserError
@@ -83,6 +83,10 @@ class FinetuneConfig:
     #: learning rate of the learned steps (own group, no weight decay): LSQ's rate. Their gradients are scaled
     #: by 1/sqrt(weights per channel x qmax), so at the weights' lr0 they would not move in a 3-epoch run.
     step_lr: float = 0.01
+    #: when the fine-tuned model ends below its input on val mAP50, best.pt holds the input's weights instead (last.pt
+    #: keeps the fine-tuned ones): a few epochs on a few hundred chips can undo a ``recover`` fit (see
+    #: benchmarks/results/recovery_*.md); the val split decides, never the test split.
+    keep_better: bool = True
     #: fraction of training chips (quick runs and tests).
     fraction: float = 1.0
     #: validate every epoch (ultralytics metrics); the final COCO evaluation always runs.
@@ -218,6 +222,13 @@ def _teacher(path: str, student_meta: dict) -> nn.Module:
     return teacher.float().eval()
 
 
+def _keep_input(src: str, dst: Path, save_meta: dict, base: dict, tuned: dict) -> Path:
+    """Write the input checkpoint's weights as ``dst``, recording why (the fine-tune lowered val mAP50)."""
+    model, _ = load_detector(src)
+    scores = {"input_val_map50": base["map50"], "finetuned_val_map50": tuned["map50"]}
+    return save_detector(model, dst, {**save_meta, "finetune_not_kept": scores})
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune a compressed checkpoint with fake quantization on; returns a summary (also ``out/metrics.json``).
 
@@ -266,8 +277,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if moved or set(after) != set(before):
             raise UserError(f"{weights}: fine-tuning changed the compressed structure at {', '.join(moved[:5])}")
         final = evaluate(weights, data.yaml_path, split="val", imgsz=imgsz, device=cfg.device)
+        tuned_final, kept_input = final, cfg.keep_better and final["map50"] < base["map50"]
+        if kept_input:
+            weights = _keep_input(cfg.weights, out / "weights" / "best.pt", save_meta, base, final)
+            final = base
+            print(f"finetune: val mAP50 fell from {base['map50']:.4f} to {tuned_final['map50']:.4f}; {weights} "
+                  "holds the input's weights (the fine-tuned ones are in last.pt; --no-keep-better keeps them)",
+                  file=sys.stderr)
         result = {"weights": str(weights), "train_seconds": round(seconds, 1), "epochs_run": len(trainer.history),
-                  "before": base, "final": final, "history": trainer.history, "mlflow_run_id": run_id,
+                  "before": base, "final": final, "kept_input": kept_input, "tuned_final": tuned_final,
+                  "history": trainer.history, "mlflow_run_id": run_id,
                   "parent_run": parent, "structure_kept": True, "learned_step_convs": len(steps)}
         write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))  # before logging, which may fail
         scalar = {k: v for k, v in final.items() if not isinstance(v, dict)}
