@@ -63,24 +63,34 @@ MAX_DET = 300
 
 
 def uniform_policy(ws: Workspace, spec: str) -> Policy:
-    """``w4a8p25``: every quantizable layer at 4-bit weights / 8-bit activations, every group 25% pruned."""
-    m = re.fullmatch(r"w(\d+)a(\d+)p(\d+)", spec)
+    """``w4a8p25``: every quantizable layer at 4-bit weights / 8-bit activations, every group 25% pruned.
+
+    ``w4a8p40dw8``: the same with depthwise convs' weights at 8 bits (a few % of a depthwise-separable
+    detector's weights; the usual int8-depthwise exception of mobile quantizers).
+    """
+    m = re.fullmatch(r"w(\d+)a(\d+)p(\d+)(?:dw(\d+))?", spec)
     if not m:
-        raise SystemExit(f"error: --uniform {spec!r}: expected w<bits>a<bits>p<percent>, e.g. w4a8p25")
-    wb, ab, pruned = (int(g) for g in m.groups())
+        raise SystemExit(f"error: --uniform {spec!r}: expected w<bits>a<bits>p<percent>[dw<bits>], e.g. w4a8p25")
+    wb, ab, pruned = (int(g) for g in m.groups()[:3])
+    dwb = int(m.group(4)) if m.group(4) else wb
     v = ws.view
     groups = {g: {"keep": 1 - pruned / 100} for g in v.groups} if pruned else {}
     return Policy(detector=v.detector, imgsz=v.imgsz, groups=groups,
-                  layers={n: {"weight_bits": wb, "act_bits": ab} for n in v.quantizable})
+                  layers={n: {"weight_bits": dwb if v.layers[n].kind == "depthwise" else wb, "act_bits": ab}
+                          for n in v.quantizable})
 
 
 def uniform_at_budget(ws: Workspace, bits: str, budget: Budget) -> tuple[str, Policy]:
-    """``w4a8`` with the least uniform pruning, in 5% steps, that meets ``budget``."""
+    """``w4a8`` (or ``w4a8dw8``) with the least uniform pruning, in 5% steps, that meets ``budget``."""
     ref = estimate(ws.view)
+    m = re.fullmatch(r"(w\d+a\d+)(dw\d+)?", bits)
+    if not m:
+        raise SystemExit(f"error: --uniform-bits {bits!r}: expected w<bits>a<bits>[dw<bits>], e.g. w4a8")
     for pruned in range(0, 95, 5):
-        policy = uniform_policy(ws, f"{bits}p{pruned}")
+        spec = f"{m.group(1)}p{pruned}{m.group(2) or ''}"
+        policy = uniform_policy(ws, spec)
         if budget.met(estimate(ws.view, ws.resolve(policy)), ref):
-            return f"{bits}p{pruned}", policy
+            return spec, policy
     raise SystemExit(f"error: --uniform-bits {bits}: no uniform pruning up to 90% meets {budget}")
 
 
