@@ -49,7 +49,10 @@ def test_finetune_keeps_structure_and_bits_and_logs_under_the_search(trained_yol
     assert sum("weight_bits" in r for r in before.values()) > 50
     r = finetune(FinetuneConfig(weights=out, data=str(small_airbus), epochs=1, batch=8, fraction=0.25,
                                 teacher="auto", out=str(tmp_path / "ft"), val=False, seed=0, freeze_bn=True,
-                                learn_steps=True, keep_better=False))
+                                learn_steps=True, keep_better=False,
+                                # frozen BN goes with the after-recover recipe's rate: at the default 0.002 the
+                                # unnormalised steps took this model from 0.30 to 0.11 val mAP50 in one epoch
+                                lr0=0.0002))
     assert r["learned_step_convs"] > 50
     tuned, meta = load_detector(r["weights"])  # strict load: the learned steps were baked, not saved
     assert meta["compressed"] and structure(tuned) == before  # every shape, per-channel weight bits, act bits

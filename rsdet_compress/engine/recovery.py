@@ -71,8 +71,9 @@ class RecoverConfig(ReconstructConfig):
             raise UserError("no dataset given (--data DATA.yaml)")
         if self.images < MIN_IMAGES:
             raise UserError(f"--images must be >= {MIN_IMAGES}, got {self.images}")
-        if self.iters < 0 or self.batch < 1:
-            raise UserError(f"--iters must be >= 0 and --batch >= 1, got {self.iters} and {self.batch}")
+        if self.iters < 0 or self.batch < 1 or self.probe_images < 1:
+            raise UserError(f"--iters must be >= 0, --batch and --probe-images >= 1, got {self.iters}, {self.batch} "
+                            f"and {self.probe_images}")
         if self.lr < 0 or self.bias_lr < 0 or not 0.0 <= self.drop < 1.0:
             raise UserError("--lr and --bias-lr must be >= 0, --drop in [0, 1)")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
