@@ -45,9 +45,14 @@ def train_subsets(data_yaml: str, imgsz: int, calib: int, reward: int, seed: int
 RECOVERY = ("none", "fast")
 
 
+#: chips a fast candidate's least squares, range searches and error checks run on: they cost most of its recovery,
+#: and 16 gave the same reward as 32 in 58% of the time (YOLOv8n airbus w4a8p30: 0.431 vs 0.427 mAP50, 95 vs 163 s)
+FAST_PROBE_IMAGES = 16
+
+
 def fast_recovery(iters: int) -> ReconstructConfig:
     """The short reconstruction a search candidate gets: the recover defaults with ``iters`` steps per layer."""
-    return ReconstructConfig(iters=iters)
+    return ReconstructConfig(iters=iters, probe_images=FAST_PROBE_IMAGES)
 
 
 def build_evaluator(settings: dict, ws: Workspace | None = None) -> CandidateEvaluator:
