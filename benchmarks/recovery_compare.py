@@ -14,7 +14,8 @@ the search's contribution is separated from recovery's.
 For each policy (a searched policy JSON given as NAME=PATH, and/or built-in uniform ones
 ``w<bits>a<bits>p<percent pruned>``): compress (64 calibration chips) -> test mAP;
 recover -> test mAP; optionally QAT from the recovered weights (distilled from fp32) -> test
-mAP of the fine-tuned weights (last.pt, even where finetune's val check keeps its input as best.pt). Columns: mAP50, mAP50-95, AP50 of each class, the mAP50 difference against fp32 with a
+mAP of the fine-tuned weights (last.pt, even where finetune's val check keeps its input as
+best.pt). Columns: mAP50, mAP50-95, AP50 of each class, the mAP50 difference against fp32 with a
 95% paired bootstrap interval over test images, size / FLOPs / BOPs ratios, and each stage's
 wall minutes on this machine. Stage outputs are kept under runs/bench/recovery/<name>/ and
 reused on a rerun with the same settings. Each search's record and each policy's finished rows
