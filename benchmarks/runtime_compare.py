@@ -110,6 +110,12 @@ def nncf_default_int8(fp32_onnx: Path, out: Path, calib) -> Path:
     return out
 
 
+def work_dir(weights: str | Path) -> Path:
+    """Where the artifacts made from ``weights`` are kept and reused."""
+    weights = Path(weights)
+    return WORK / weights.parent.parent.name / weights.stem
+
+
 def compressed(args, work: Path) -> list[str]:
     """``--compressed`` NAME=PATH specs, then one per ``--uniform`` (compressed here, calibrated only, kept x8)."""
     specs = list(args.compressed)
@@ -125,7 +131,7 @@ def compressed(args, work: Path) -> list[str]:
 def artifacts(args) -> list[tuple[str, str, Path]]:
     """(row name, runtime, file) of every row, fp32 files first (each runtime's speed-up reference)."""
     weights, data = Path(args.weights), Path(args.data)
-    work = WORK / weights.parent.parent.name / weights.stem
+    work = work_dir(weights)
     work.mkdir(parents=True, exist_ok=True)
 
     def made(src: Path, fmt: str, name: str, decode: str = "graph", quantizer: str = "nncf") -> Path:
@@ -159,7 +165,7 @@ def predictions(args, rows: list[dict], threads: int | None) -> list[dict]:
     fp32 = {r["runtime"]: r["latency"]["1"]["median_ms"] for r in rows if r["name"] == "fp32"}
     measured = {"onnxruntime": ": onnx-int8", "openvino": ": openvino-int8, onnx-int8 QDQ (our ranges)"}
     out = []
-    for spec in compressed(args, WORK / Path(args.weights).parent.parent.name / Path(args.weights).stem):
+    for spec in compressed(args, work_dir(args.weights)):
         name, _, path = spec.partition("=")
         policy = load_detector(path)[0].policy
         for runtime, suffix in measured.items():
