@@ -6,8 +6,9 @@
 1. One search (``--agent``, ``--search-recover fast``) at ``--budget``; its in-budget candidates
    (the search recovery_compare.py ran with the same settings is reused from the work folder).
 2. ``--candidates`` of them, evenly spread over the search's reward range (the top alone would
-   say nothing about ranking), each scored again with every reward form of ``search --recover``
-   (``none``: calibration only; ``fast``: short reconstruction), on the same reward chips, timed.
+   say nothing about ranking), each scored with every reward form of ``search --recover``
+   (``none``: calibration only; ``fast``: short reconstruction), on the same reward chips, timed
+   (the search's own form is its logged reward and evaluation seconds).
 3. Each gets the full treatment: compress (64 calibration chips) -> ``recover`` (``--images``,
    ``--iters``) [-> QAT ``--qat-epochs`` with ``--qat-config``] -> mAP on ``--split``.
 4. Spearman rank correlation between each reward form and that final mAP, with the mean
@@ -53,12 +54,16 @@ def spread(cands: list[dict], k: int) -> list[dict]:
 
 
 def reward_evaluators(ws: Workspace, data: Path, search_cfg: dict) -> dict[str, CandidateEvaluator]:
-    """One evaluator per reward form of ``search --recover``, on the search's own chips."""
+    """One evaluator per reward form of ``search --recover`` other than the search's own, on its chips.
+
+    The search's own form is not scored again: its logged mAP and evaluation seconds are that
+    form's reward and cost for the candidate (same chips, same seed), so reusing them halves the work.
+    """
     calib, reward_set = train_subsets(str(data), ws.view.imgsz, search_cfg["calib_images"],
                                       search_cfg["reward_images"], search_cfg["seed"])
     return {form: CandidateEvaluator(ws, calib, reward_set, device=search_cfg["device"],
                                      recovery=fast_recovery(search_cfg["recover_iters"]) if form == "fast" else None)
-            for form in RECOVERY}
+            for form in RECOVERY if form != search_cfg["recover"]}
 
 
 def markdown(rows: list[dict], summary: dict, header: str) -> str:
@@ -108,12 +113,13 @@ def main() -> None:
     for c in chosen:
         def ranked(c=c) -> dict:
             policy = Policy.from_dict(c["policy"])
-            got = {f: ev(policy) for f, ev in evaluators().items()}
+            s = c["search"]
+            own = {found["config"]["recover"]: {"map50": s["map50"], "eval_seconds": s["eval_seconds"]}}
+            got = {f: own[f] if f in own else evaluators()[f](policy) for f in RECOVERY}
             work = WORK / f"{found['name']}-ep{c['episode']}"  # the search's budget, settings and device
             work.mkdir(parents=True, exist_ok=True)
             stages = make_stages(policy, weights, data, work, args)
             m, _ = score(stages[-1][1], evaluator)
-            s = c["search"]
             return {"episode": c["episode"], "reward": {f: got[f]["map50"] for f in got},
                     "eval_seconds": {f: got[f]["eval_seconds"] for f in got},
                     "final_map50": m["map50"], "final_map50_95": m["map50_95"],
