@@ -160,23 +160,31 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
 
 
 def predictions(args, rows: list[dict], threads: int | None) -> list[dict]:
-    """The latency table's batch-1 prediction of each compressed policy against its measured int8 file."""
+    """The latency table's batch-1 prediction of each compressed policy against its measured int8 file.
+
+    The prediction's anchor models (``search.latency_cost``) are timed again in this run, so the
+    check compares numbers from one run; the conv entries come from the machine's table.
+    """
     ws = Workspace.from_weights(args.weights)
-    fp32 = {r["runtime"]: r["latency"]["1"]["median_ms"] for r in rows if r["name"] == "fp32"}
-    measured = {"onnxruntime": ": onnx-int8", "openvino": ": openvino-int8, onnx-int8 QDQ (our ranges)"}
-    out = []
+    measured = {"onnxruntime": ": onnx-int8", "openvino": ": openvino-int8, NNCF"}
+    costs, out = {}, []
     for spec in compressed(args, work_dir(args.weights)):
         name, _, path = spec.partition("=")
         policy = load_detector(path)[0].policy
         for runtime, suffix in measured.items():
             got = next((r for r in rows if r["name"] == name + suffix), None)
-            if got is None or runtime not in fp32:
+            if got is None:
                 continue
-            table = LatencyTable(runtime, threads)
-            pred = LatencyCost(ws.view, table, fp32[runtime])(ws.view, policy).latency_ms
+            if runtime not in costs:
+                table = LatencyTable(runtime, threads)
+                table.models = {k: v for k, v in table.models.items() if not k.startswith(ws.weights_fp)}
+                costs[runtime] = LatencyCost.measured(ws, table)
+            cost = costs[runtime]
+            pred = cost(ws.view, policy).latency_ms
             meas = got["latency"]["1"]["median_ms"]
             out.append({"policy": name, "runtime": runtime, "predicted_ms": pred, "measured_ms": meas,
-                        "error": pred / meas - 1, "table": str(table.path), "measured_now": table.measured})
+                        "error": pred / meas - 1, "table": str(cost.table.path), "anchors_ms": cost.anchors,
+                        "fits": {("int8" if k else "fp32"): vars(f) for k, f in cost.fits.items()}})
     return out
 
 
@@ -259,6 +267,10 @@ def main() -> None:
                  "| policy | runtime | predicted ms | measured ms | error |", "|---|---|---|---|---|"]
         table += [f"| {p['policy']} | {p['runtime']} | {p['predicted_ms']:.2f} | {p['measured_ms']:.2f} | "
                   f"{100 * p['error']:+.1f}% |" for p in preds]
+        anchors = {p["runtime"]: p["anchors_ms"] for p in preds}
+        table += ["", "Anchors the prediction is fitted to (whole models timed in this run, batch 1 ms): "
+                  + "; ".join(f"{rt}: " + ", ".join(f"{k} {v:.2f}" for k, v in a.items()) for rt, a in anchors.items())
+                  ] if anchors else []
     else:
         table = []
     profiles = [(name, profile(path, 1, runs=20, threads=args.threads)) for name, _, path in made] \

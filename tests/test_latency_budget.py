@@ -60,7 +60,7 @@ def test_table_measures_once_and_reads_back(runtime, tmp_path, one_thread):
 def test_prediction_is_the_float_latency_at_float_and_less_when_pruned(trained_yolov8n, tmp_path):
     ws = Workspace.from_weights(trained_yolov8n)
     view = ws.view
-    cost_fn = LatencyCost(view, MacsTable(path=tmp_path / "t.json"), float_ms=50.0)
+    cost_fn = LatencyCost(view, MacsTable(path=tmp_path / "t.json"), {"fp32": 50.0})
     ref = cost_fn(view)
     assert ref.latency_ms == pytest.approx(50.0)  # the rest term makes the float prediction the measured value
     assert all("latency_ms" in ref.per_layer[n] for n in layer_shapes(view, ref))
@@ -72,9 +72,38 @@ def test_prediction_is_the_float_latency_at_float_and_less_when_pruned(trained_y
     assert any(s.int8 for s in layer_shapes(view, q).values())
     assert cost_fn(view, quant).ratios(ref)["latency"] == pytest.approx(ref.latency_ms / q.latency_ms)
     assert cost_fn.scale < 1 and cost_fn.rest_ms == 0  # isolated convs add up to more than the whole: scaled
-    slow = LatencyCost(view, cost_fn.table, float_ms=1e5)  # convs are a part of it: the rest is a constant
+    slow = LatencyCost(view, cost_fn.table, {"fp32": 1e5})  # convs are a part of it: the rest is a constant
     assert slow.scale == 1 and slow.rest_ms > 0 and slow(view).latency_ms == pytest.approx(1e5)
     assert 0 < slow(view, ws.resolve(half)).latency_ms < 1e5
+
+
+def test_prediction_reproduces_its_anchors_and_int8_pays_its_own_rest(trained_yolov8n, tmp_path):
+    """Fitted to four whole-model timings (float and half width, fp32 and int8), the prediction gives each back,
+    and an int8 graph's non-conv rest (Q/DQ, quantized SiLU) is its own, not the float graph's."""
+    ws = Workspace.from_weights(trained_yolov8n)
+    view, table = ws.view, MacsTable(path=tmp_path / "t.json")
+    half = lc.anchor_policies(ws)["_half"]
+    assert half.groups and all(len(g["keep_idx"]) % 8 == 0 or len(g["keep_idx"]) == view.groups[n].size
+                               for n, g in half.groups.items())  # kept x8 (or the whole group)
+    probe = LatencyCost(view, table, {"fp32": 1.0})
+    conv = {(p8, h): sum(probe._terms(lc.as_int8(view, pol) if p8 else pol)[0].values())
+            for p8 in (False, True) for h, pol in (("", None), ("_half", half))}
+    anchors = {"fp32": conv[False, ""] + 30, "fp32_half": conv[False, "_half"] + 20,
+               "int8": conv[True, ""] + 60, "int8_half": conv[True, "_half"] + 35}
+    cost = LatencyCost(view, table, anchors, half)
+    for name, pol in (("fp32", None), ("fp32_half", half), ("int8", lc.as_int8(view, None)),
+                      ("int8_half", lc.as_int8(view, half))):
+        assert cost(view, pol).latency_ms == pytest.approx(anchors[name], rel=1e-6), name
+    f32, f8 = cost.fits[False], cost.fits[True]
+    assert f32.scale == f8.scale == 1 and f32.per_act_ms > 0 and f32.const_ms > 0
+    assert f8.per_act_ms > f32.per_act_ms and f8.const_ms > 0
+    assert cost.rest_ms == pytest.approx(30)
+    # the float-only fit of before: one constant rest, so the int8 model comes out 60 - 30 ms too fast
+    old = LatencyCost(view, table, {"fp32": anchors["fp32"]})
+    assert old(view, lc.as_int8(view, None)).latency_ms == pytest.approx(anchors["int8"] - 30, rel=1e-6)
+    # noisy anchors (the half model slower than the float one) never give a negative term
+    noisy = LatencyCost(view, table, {**anchors, "fp32_half": anchors["fp32"] * 2}, half)
+    assert min(vars(noisy.fits[False]).values()) >= 0 and noisy(view, half).latency_ms > 0
 
 
 def test_search_under_a_latency_budget_meets_it_by_the_table(trained_yolov8n, small_airbus, tmp_path,
@@ -83,7 +112,6 @@ def test_search_under_a_latency_budget_meets_it_by_the_table(trained_yolov8n, sm
     from rsdet_compress.search import runner
     monkeypatch.setattr(runner, "LatencyTable", lambda runtime, threads: MacsTable(runtime, threads,
                                                                                    path=tmp_path / "t.json"))
-    monkeypatch.setattr(runner, "measure_model_ms", lambda *a, **k: 40.0)
     cfg = SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="ajpq", episodes=2, seed=0,
                        calib_images=4, reward_images=8, budget=["latency=0.6"])
     r = search(cfg, progress=False)

@@ -11,7 +11,9 @@ OpenVINO runs the same QDQ graph as int8).
 Each table lives in one JSON file per machine, runtime (and version) and thread count
 (:func:`table_path`), so a measurement is taken once and reused by every later search;
 a new key is measured when first asked for (about a second) and the file rewritten
-atomically. The numbers only mean something on the machine that measured them, idle.
+atomically. The same file keeps whole-model timings (:meth:`LatencyTable.model_ms`: the
+anchors a prediction is fitted to), under keys their caller names. The numbers only mean
+something on the machine that measured them, idle.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -105,10 +108,13 @@ class LatencyTable:
         self.runtime, self.threads, self.runs = runtime, int(threads or torch.get_num_threads()), runs
         self.path = Path(path) if path else table_path(runtime, self.threads)
         self.entries: dict[str, float] = {}
+        self.models: dict[str, float] = {}  # whole models (the anchors of search.latency_cost), by caller's key
         self.measured = 0  # keys measured by this object (not read from the file)
         if self.path.is_file():
             try:
-                self.entries = {k: float(v) for k, v in json.loads(self.path.read_text())["entries"].items()}
+                data = json.loads(self.path.read_text())
+                self.entries = {k: float(v) for k, v in data["entries"].items()}
+                self.models = {k: float(v) for k, v in data.get("models", {}).items()}
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{self.path}: not a latency table (delete it to measure again)") from None
 
@@ -119,10 +125,18 @@ class LatencyTable:
             self.save()
         return self.entries[shape.key]
 
+    def model_ms(self, key: str, measure: Callable[[], float]) -> float:
+        """A whole model's measured ms under ``key``: ``measure()`` once, then read from the same file."""
+        if key not in self.models:
+            self.models[key] = float(measure())
+            self.measured += 1
+            self.save()
+        return self.models[key]
+
     def save(self) -> None:
         write_json(self.path, {"runtime": self.runtime, "threads": self.threads, "cpu": cpu_label(),
                                "runtime_version": _runtime_version(self.runtime), "runs": self.runs,
-                               "entries": self.entries})
+                               "entries": self.entries, "models": self.models})
 
     def _runner(self, model_path: Path, shape: ConvShape):
         x = np.random.default_rng(0).random((1, shape.in_c, shape.h, shape.w), dtype=np.float32)

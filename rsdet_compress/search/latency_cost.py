@@ -1,32 +1,47 @@
-"""Latency as a search budget: a policy's analytic cost plus its latency predicted from measured conv layers.
+"""Latency as a search budget: a policy's analytic cost plus its latency predicted from measured layers.
 
-``LatencyCost(view, table, float_ms)`` is a drop-in for :func:`~rsdet_compress.compress.cost.estimate`:
+``LatencyCost(view, table, anchors)`` is a drop-in for :func:`~rsdet_compress.compress.cost.estimate`:
 it returns the same :class:`Cost` with ``latency_ms`` set and ``per_layer[name]["latency_ms"]``
-filled from the :class:`~rsdet_compress.runtime.latency_table.LatencyTable` (each kept conv
-shape, int8 where the policy quantizes it). Everything that is not a conv (concat, upsample,
-pooling, box decoding, the runtime's own per-call work) is one constant, ``rest_ms``: the
-float model's measured latency minus its convs' table entries. Where the isolated convs add
-up to more than the whole model (the runtime fuses and overlaps what a one-conv graph cannot),
-the table entries are scaled down by ``scale`` instead, so the float model's prediction is its
-measured latency either way and no prediction goes negative. A ``latency=0.33`` budget is
-then a third of the float model's measured latency, and the search ranks policies by what
-they cost on this machine's runtime instead of by FLOPs (which put two YOLOv8n policies in
-the wrong latency order).
+filled. A policy's latency is the sum, over its kept convs, of
 
-:func:`measure_model_ms` times a whole detector exported for the runtime (the float model
-once per search; a compressed one to check the prediction).
+* the conv itself: its entry in the :class:`~rsdet_compress.runtime.latency_table.LatencyTable`
+  (kept shape, int8 where the policy quantizes it), times ``scale`` of its precision;
+* the elementwise work riding on its output (SiLU, concat, upsample, and in int8 the
+  Q/DQ and quantized activations): ``per_act_ms`` of its precision times the conv's
+  share of the float model's activation volume (channels x output pixels);
+
+plus the work that does not shrink with the channels (box decoding, the runtime's per-call
+work): ``const_ms``, mixed between fp32 and int8 by the share of activations in int8.
+
+The three numbers per precision come from whole models timed on the runtime, the anchors
+(:func:`measure_anchors`): the float model and its half-width twin (every group at
+:data:`ANCHOR_KEEP`, kept x8), each exported fp32 and int8. At full width, ``scale`` makes
+the isolated convs add up to no more than the whole (the runtime fuses and overlaps what a
+one-conv graph cannot) and the rest is ``const_ms + per_act_ms``; the half-width model
+separates the two. So the prediction of every anchor is its measured latency, int8 graphs
+pay their own non-conv costs (a constant float rest under-predicted the int8 YOLOv8n
+by 20-55% on onnxruntime), and pruning shrinks the elementwise work with the channels.
+With only the fp32 float model timed (``anchors={"fp32": ms}``) the rest is one constant for
+every policy. A ``latency=0.33`` budget is then a third of the float model's measured latency,
+and the search ranks policies by what they cost on this machine's runtime instead of by FLOPs.
+
+:func:`measure_model_ms` times a whole detector exported for the runtime (the anchors; a
+compressed one to check the prediction).
 """
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from rsdet_compress.compress.baselines import magnitude_pruning
 from rsdet_compress.compress.cost import Cost, estimate
 from rsdet_compress.compress.policy import Policy
 from rsdet_compress.compress.quant import FLOAT_BITS
+from rsdet_compress.compress.rounding import round_policy
 from rsdet_compress.engine.latency import summarize, time_fn
 from rsdet_compress.export.onnx import export_module, quantize_int8
 from rsdet_compress.export.openvino import export_openvino
@@ -48,14 +63,29 @@ def layer_shapes(view, cost: Cost) -> dict[str, ConvShape]:
     return shapes
 
 
+#: width of the second anchor model: far enough from the float model to separate the rest's constant
+#: part from its activation-proportional part, and inside the range a latency budget drives a search to
+ANCHOR_KEEP = 0.5
+#: anchor names: precision, and ``_half`` for the half-width model
+ANCHORS = ("fp32", "int8", "fp32_half", "int8_half")
+
+
+def activation_volume(view, cost: Cost) -> dict[str, float]:
+    """Output elements (kept channels x output pixels) of each conv of ``cost.per_layer`` that keeps channels."""
+    return {name: float(p["out_channels"] * view.layers[name].out_hw[0] * view.layers[name].out_hw[1])
+            for name, p in cost.per_layer.items() if p["out_channels"]}
+
+
 def measure_model_ms(model: nn.Module, meta: dict, imgsz: int, runtime: str, threads: int, runs: int = 20,
                      calib_batches: list | None = None) -> float:
-    """Median batch-1 ms of ``model`` exported for ``runtime`` (int8 QDQ when ``calib_batches`` are given)."""
+    """Median batch-1 ms of ``model`` exported for ``runtime``; int8 when ``calib_batches`` are given.
+
+    int8 is what ``export`` ships for the runtime by default: onnxruntime's QDQ graph, NNCF's for OpenVINO.
+    """
     x = torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         if runtime == "openvino":
-            path = export_openvino(model, meta, Path(tmp) / "m.xml", imgsz, calib_batches,
-                                   quantizer="onnxruntime")
+            path = export_openvino(model, meta, Path(tmp) / "m.xml", imgsz, calib_batches)
             det = OpenVinoDetector(path, threads=threads)
         else:
             path = export_module(model, meta, Path(tmp) / "m.onnx", imgsz)
@@ -65,21 +95,141 @@ def measure_model_ms(model: nn.Module, meta: dict, imgsz: int, runtime: str, thr
         return summarize(time_fn(lambda: det(x), runs, warmup=3), 1)["median_ms"]
 
 
+def anchor_policies(ws) -> dict[str, Policy | None]:
+    """``{"": None (the float model), "_half": every group at ANCHOR_KEEP, kept channels rounded up to x8}``."""
+    half = round_policy(ws, ws.resolve(magnitude_pruning(ws.view, 1.0 - ANCHOR_KEEP)))[0]
+    return {"": None, "_half": half}
+
+
+def as_int8(view, policy: Policy | None) -> Policy:
+    """``policy``'s structure with every quantizable conv at w8a8: how an anchor timed in int8 is looked up."""
+    out = Policy.from_dict(policy.to_dict()) if policy is not None else Policy(detector=view.detector,
+                                                                               imgsz=view.imgsz)
+    out.default_weight_bits = out.default_act_bits = 8
+    return out
+
+
+def measure_anchors(ws, table: LatencyTable, policies: dict[str, Policy | None], runs: int = 20) -> dict[str, float]:
+    """The :data:`ANCHORS` of ``ws``'s float weights (:func:`anchor_policies`) timed on ``table``'s runtime.
+
+    Each is kept in the table's file under the weights' fingerprint, so it is measured once per machine.
+    Latency does not depend on weight values, so the half-width anchor is the float model with
+    channels removed (no calibration) and int8 is calibrated on random images.
+    """
+    imgsz = int(ws.view.imgsz)
+    calib = [torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    out = {}
+    for suffix, policy in policies.items():
+        model = None
+        for precision in ("fp32", "int8"):
+            def timed(policy=policy, precision=precision) -> float:
+                nonlocal model
+                if model is None:
+                    model = ws.view.model if policy is None else ws.apply(policy, bn=False)
+                return measure_model_ms(model, ws.meta, imgsz, table.runtime, table.threads, runs,
+                                        calib if precision == "int8" else None)
+            out[precision + suffix] = table.model_ms(f"{ws.weights_fp}|{imgsz}|{precision}{suffix}", timed)
+    return out
+
+
+@dataclass
+class PrecisionFit:
+    """How one precision's whole-model latency is put together from its table entries (see the module doc)."""
+
+    scale: float = 1.0  # multiplies this precision's table entries: isolated convs overstate the fused graph
+    per_act_ms: float = 0.0  # the non-conv rest that scales with activations, per float model's volume
+    const_ms: float = 0.0  # the non-conv rest that does not
+
+
+def solve_rest(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """``(per_act, const) >= 0`` with ``share * per_act + weight * const = rest`` for each anchor row.
+
+    One row (or a solution that goes negative on noisy timings): the one term that explains the first row.
+    """
+    (a1, b1, r1), per, const = rows[0], -1.0, -1.0
+    if len(rows) > 1:
+        a2, b2, r2 = rows[1]
+        det = a1 * b2 - a2 * b1
+        if abs(det) > 1e-9:
+            per, const = (r1 * b2 - r2 * b1) / det, (a1 * r2 - a2 * r1) / det
+    if per >= 0 and const >= 0:
+        return per, const
+    r1 = max(r1, 0.0)
+    if per >= 0 > const and a1 > 0:  # the rest shrinks faster than the activations: no constant part
+        return r1 / a1, 0.0
+    return (0.0, r1 / b1) if b1 > 0 else ((r1 / a1, 0.0) if a1 > 0 else (0.0, 0.0))
+
+
 class LatencyCost:
     """``estimate``-compatible: the analytic cost plus predicted latency (see the module docstring)."""
 
-    def __init__(self, view, table: LatencyTable, float_ms: float) -> None:
-        self.view, self.table, self.float_ms = view, table, float(float_ms)
-        convs = sum(table(s) for s in layer_shapes(view, estimate(view)).values())
-        self.rest_ms = max(0.0, self.float_ms - convs)
-        self.scale = min(1.0, self.float_ms / convs) if convs > 0 else 1.0
+    def __init__(self, view, table: LatencyTable, anchors: dict[str, float], half: Policy | None = None) -> None:
+        """``anchors``: measured ms by :data:`ANCHORS` name (``fp32`` at least); ``half``: the half-width policy."""
+        if "fp32" not in anchors:
+            raise ValueError("a latency prediction needs at least the float model's fp32 latency")
+        self.view, self.table, self.anchors = view, table, dict(anchors)
+        self.volume = sum(activation_volume(view, estimate(view)).values())
+        structures = {"": None, **({"_half": half} if half is not None else {})}
+        self.fits = {False: self._fit(structures, "fp32")}
+        self.fits[True] = self._fit(structures, "int8") if "int8" in anchors else self.fits[False]
+
+    def _terms(self, policy: Policy | None) -> tuple[dict[bool, float], dict[bool, float]]:
+        """Table ms and share of the float model's activation volume of ``policy``'s convs, by int8-or-not."""
+        cost = estimate(self.view, policy)
+        volume = activation_volume(self.view, cost)
+        ms, share = {False: 0.0, True: 0.0}, {False: 0.0, True: 0.0}
+        for name, shape in layer_shapes(self.view, cost).items():
+            ms[shape.int8] += self.table(shape)
+            share[shape.int8] += volume[name] / self.volume
+        return ms, share
+
+    def _fit(self, structures: dict[str, Policy | None], precision: str) -> PrecisionFit:
+        """Scale from the full-width anchor, then per-activation and constant rest from both widths.
+
+        An int8 anchor keeps the convs our policies never quantize (the head's last ones) in fp32:
+        their share is predicted with the fp32 fit first, and the int8 fit explains what is left.
+        """
+        int8, fit, rows = precision == "int8", PrecisionFit(), []
+        for suffix, policy in structures.items():
+            if precision + suffix not in self.anchors:
+                continue
+            ms, share = self._terms(as_int8(self.view, policy) if int8 else policy)
+            q = share[int8] / max(share[False] + share[True], 1e-12)
+            rest = self.anchors[precision + suffix]
+            if int8:  # the fp32 convs of an int8 anchor, at the fp32 fit
+                f32 = self.fits[False]
+                rest -= f32.scale * ms[False] + f32.per_act_ms * share[False] + (1 - q) * f32.const_ms
+            if not rows:
+                fit.scale = min(1.0, rest / ms[int8]) if ms[int8] > 0 and rest > 0 else 1.0
+            rows.append((share[int8], q, rest - fit.scale * ms[int8]))
+        fit.per_act_ms, fit.const_ms = solve_rest(rows)
+        return fit
+
+    @classmethod
+    def measured(cls, ws, table: LatencyTable, runs: int = 20) -> LatencyCost:
+        """Fitted to the anchors of ``ws``'s float weights, timed on ``table``'s runtime (or read from its file)."""
+        policies = anchor_policies(ws)
+        return cls(ws.view, table, measure_anchors(ws, table, policies, runs), policies["_half"])
+
+    @property
+    def scale(self) -> float:
+        return self.fits[False].scale
+
+    @property
+    def rest_ms(self) -> float:
+        """The float model's fp32 latency that is not its convs."""
+        return self.fits[False].per_act_ms + self.fits[False].const_ms
 
     def __call__(self, view, policy: Policy | None = None, per_layer: bool = True) -> Cost:
         cost = estimate(view, policy)  # the per-layer shapes are what the latency is looked up by
-        total = self.rest_ms
+        volume = activation_volume(view, cost)
+        total = int8_share = 0.0
         for name, shape in layer_shapes(view, cost).items():
-            ms = self.scale * self.table(shape)
+            fit, share = self.fits[shape.int8], volume[name] / self.volume
+            ms = fit.scale * self.table(shape) + fit.per_act_ms * share
             cost.per_layer[name]["latency_ms"] = ms
             total += ms
-        cost.latency_ms = total
+            int8_share += share if shape.int8 else 0.0
+        q = int8_share / max(sum(volume.values()) / self.volume, 1e-12)
+        cost.latency_ms = total + (1 - q) * self.fits[False].const_ms + q * self.fits[True].const_ms
         return cost

@@ -29,7 +29,7 @@ from rsdet_compress.runtime.latency_table import RUNTIMES, LatencyTable
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import CompressEnv, EnvConfig
 from rsdet_compress.search.evaluation import RECOVERY, build_evaluator
-from rsdet_compress.search.latency_cost import LatencyCost, measure_model_ms
+from rsdet_compress.search.latency_cost import LatencyCost
 from rsdet_compress.search.logbook import Logbook, candidate_record
 from rsdet_compress.search.report import plot_searches, summary_row
 from rsdet_compress.search.rewards import get_reward
@@ -145,10 +145,8 @@ def _check(cfg: SearchConfig) -> Budget:
 
 
 def latency_cost(ws: Workspace, cfg: SearchConfig) -> LatencyCost:
-    """The latency-annotated cost of a latency budget: the table for this machine, the float model timed once."""
-    table = LatencyTable(cfg.latency_runtime, cfg.latency_threads)
-    float_ms = measure_model_ms(ws.view.model, ws.meta, int(ws.view.imgsz), table.runtime, table.threads)
-    return LatencyCost(ws.view, table, float_ms)
+    """The latency-annotated cost of a latency budget: this machine's table, fitted to its anchor models."""
+    return LatencyCost.measured(ws, LatencyTable(cfg.latency_runtime, cfg.latency_threads))
 
 
 def search(config: SearchConfig | None = None, resume: str | None = None, progress: bool = True,
