@@ -9,7 +9,8 @@
 With ``--budget``, the policies are found at that budget: one search per ``--searches``
 agent (its best policy; a search that finished earlier is reused) and, per ``--uniform-bits``,
 the uniform bit-widths with the least uniform pruning (5% steps) that meets the budget; so
-the search's contribution is separated from recovery's.
+the search's contribution is separated from recovery's. A latency budget (``latency=0.3``) is
+predicted as the search predicts it, on ``--latency-runtime`` (OpenVINO by default).
 
 For each policy (a searched policy JSON given as NAME=PATH, and/or built-in uniform ones
 ``w<bits>a<bits>p<percent pruned>``): compress (64 calibration chips) -> test mAP;
@@ -49,8 +50,10 @@ from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator, coco_evaluated, resampled_metrics
 from rsdet_compress.engine.finetune import FinetuneConfig, finetune
 from rsdet_compress.engine.recovery import RecoverConfig, recover
+from rsdet_compress.runtime.latency_table import RUNTIMES, LatencyTable
 from rsdet_compress.runtime.loader import load_model
 from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.latency_cost import LatencyCost
 from rsdet_compress.search.logbook import Logbook
 from rsdet_compress.search.runner import SearchConfig, search
 from rsdet_compress.search.statefile import load_state
@@ -81,16 +84,24 @@ def uniform_policy(ws: Workspace, spec: str) -> Policy:
                           for n in v.quantizable})
 
 
-def uniform_at_budget(ws: Workspace, bits: str, budget: Budget) -> tuple[str, Policy]:
-    """``w4a8`` (or ``w4a8dw8``) with the least uniform pruning, in 5% steps, that meets ``budget``."""
-    ref = estimate(ws.view)
+def budget_cost(ws: Workspace, budget: Budget, args):
+    """What a policy is held to ``budget`` by: ``estimate``, or with a latency budget the latency table's prediction
+    on ``--latency-runtime`` (as the search predicts it)."""
+    if "latency" not in budget.as_dict():
+        return estimate
+    return LatencyCost.measured(ws, LatencyTable(args.latency_runtime, None))
+
+
+def uniform_at_budget(ws: Workspace, bits: str, budget: Budget, cost=estimate) -> tuple[str, Policy]:
+    """``w4a8`` (or ``w4a8dw8``) with the least uniform pruning, in 5% steps, that meets ``budget`` by ``cost``."""
+    ref = cost(ws.view)
     m = re.fullmatch(r"(w\d+a\d+)(dw\d+)?", bits)
     if not m:
         raise SystemExit(f"error: --uniform-bits {bits!r}: expected w<bits>a<bits>[dw<bits>], e.g. w4a8")
     for pruned in range(0, 95, 5):
         spec = f"{m.group(1)}p{pruned}{m.group(2) or ''}"
         policy = uniform_policy(ws, spec)
-        if budget.met(estimate(ws.view, ws.resolve(policy)), ref):
+        if budget.met(cost(ws.view, ws.resolve(policy)), ref):
             return spec, policy
     raise SystemExit(f"error: --uniform-bits {bits}: no uniform pruning up to 90% meets {budget}")
 
@@ -131,12 +142,14 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
     policy fills this table (same agent, budget, episodes, reward form and seed).
     """
     tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
+    latency = {"latency_runtime": args.latency_runtime} if "latency" in budget.as_dict() else {}
+    tag += f"-{args.latency_runtime}" if latency else ""
     name = (f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}"
             f"-r{args.recover_iters}-s{args.seed}{gpu_suffix(args)}")
     cfg = SearchConfig(weights=str(weights), data=str(data), agent=agent, episodes=args.episodes,
                        budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
                        recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
-                       seed=args.seed, device=args.device, experiment="rsdet-compress-bench")
+                       seed=args.seed, device=args.device, experiment="rsdet-compress-bench", **latency)
 
     def run() -> dict:
         earlier = earlier_search(cfg)
@@ -166,6 +179,8 @@ def add_search_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--recover-iters", type=int, default=5, help="steps per layer of the fast reward")
     ap.add_argument("--channel-multiple", type=int, default=8, help="kept-channel multiple")
     ap.add_argument("--seed", type=int, default=0, help="search seed")
+    ap.add_argument("--latency-runtime", default="openvino", choices=RUNTIMES,
+                    help="with a latency budget: the runtime it is measured on (the one our int8 export wins on)")
 
 
 def add_stage_args(ap: argparse.ArgumentParser, iters: int) -> None:
@@ -312,8 +327,9 @@ def main() -> None:
         for agent in filter(None, args.searches.split(",")):
             found = cached_search(agent, weights, data, budget, args)
             policies.append((f"{agent} @ {args.budget}", Policy.from_dict(found["best_policy"])))
+        cost = budget_cost(ws, budget, args) if args.uniform_bits else estimate
         for bits in args.uniform_bits:
-            spec, policy = uniform_at_budget(ws, bits, budget)
+            spec, policy = uniform_at_budget(ws, bits, budget, cost)
             policies.append((f"uniform {spec} @ {args.budget}", policy))
     stage_settings = {k: getattr(args, k) for k in ("images", "iters", "recover_minutes", "qat_epochs",
                                                      "qat_config", "ablate_least_squares", "device", "bootstrap")}
