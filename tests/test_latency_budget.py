@@ -106,6 +106,18 @@ def test_prediction_reproduces_its_anchors_and_int8_pays_its_own_rest(trained_yo
     assert min(vars(noisy.fits[False]).values()) >= 0 and noisy(view, half).latency_ms > 0
 
 
+def test_fit_takes_the_first_split_of_the_rest_that_leaves_no_term_negative():
+    """Rows are (table ms of the convs, activation share, constant weight, measured ms) at full and half width."""
+    fit = lc.fit_precision([(100, 1.0, 1.0, 130), (50, 0.5, 1.0, 70)])  # scale 1: 20 per activation + 10
+    assert (fit.scale, fit.per_act_ms, fit.const_ms) == pytest.approx((1, 20, 10))
+    fit = lc.fit_precision([(100, 1.0, 1.0, 130), (40, 0.5, 1.0, 54)])  # shrinks faster: no constant part
+    assert (fit.scale, fit.per_act_ms, fit.const_ms) == pytest.approx((1.1, 20, 0))
+    fit = lc.fit_precision([(100, 1.0, 1.0, 130), (40, 0.5, 1.0, 200)])  # half slower than full: noise
+    assert (fit.scale, fit.per_act_ms, fit.const_ms) == pytest.approx((1, 0, 30))
+    assert vars(lc.fit_precision([(100, 1.0, 1.0, 50)])) == pytest.approx({"scale": 0.5, "per_act_ms": 0,
+                                                                          "const_ms": 0})
+
+
 def test_search_under_a_latency_budget_meets_it_by_the_table(trained_yolov8n, small_airbus, tmp_path,
                                                              monkeypatch):
     monkeypatch.setattr(lc, "measure_model_ms", lambda *a, **k: 40.0)

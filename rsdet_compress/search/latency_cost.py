@@ -5,7 +5,8 @@ it returns the same :class:`Cost` with ``latency_ms`` set and ``per_layer[name][
 filled. A policy's latency is the sum, over its kept convs, of
 
 * the conv itself: its entry in the :class:`~rsdet_compress.runtime.latency_table.LatencyTable`
-  (kept shape, int8 where the policy quantizes it), times ``scale`` of its precision;
+  (kept shape, int8 where the policy quantizes it) less what any one-conv graph costs per call
+  (the entry of the smallest conv, :data:`OVERHEAD_SHAPE`), times ``scale`` of its precision;
 * the elementwise work riding on its output (SiLU, concat, upsample, and in int8 the
   Q/DQ and quantized activations): ``per_act_ms`` of its precision times the conv's
   share of the float model's activation volume (channels x output pixels);
@@ -15,12 +16,11 @@ work): ``const_ms``, mixed between fp32 and int8 by the share of activations in 
 
 The three numbers per precision come from whole models timed on the runtime, the anchors
 (:func:`measure_anchors`): the float model and its half-width twin (every group at
-:data:`ANCHOR_KEEP`, kept x8), each exported fp32 and int8. At full width, ``scale`` makes
-the isolated convs add up to no more than the whole (the runtime fuses and overlaps what a
-one-conv graph cannot) and the rest is ``const_ms + per_act_ms``; the half-width model
-separates the two. So the prediction of every anchor is its measured latency, int8 graphs
-pay their own non-conv costs (a constant float rest under-predicted the int8 YOLOv8n
-by 20-55% on onnxruntime), and pruning shrinks the elementwise work with the channels.
+:data:`ANCHOR_KEEP`, kept x8), each exported fp32 and int8, fitted by :func:`fit_precision`
+(two anchors, three numbers: one is held, see there). So the prediction of every anchor is
+its measured latency where the timings are consistent, int8 graphs pay their own non-conv
+costs (a constant float rest under-predicted the int8 YOLOv8n by 20-55% on onnxruntime),
+and pruning shrinks the elementwise work with the channels.
 With only the fp32 float model timed (``anchors={"fp32": ms}``) the rest is one constant for
 every policy. A ``latency=0.33`` budget is then a third of the float model's measured latency,
 and the search ranks policies by what they cost on this machine's runtime instead of by FLOPs.
@@ -132,32 +132,50 @@ def measure_anchors(ws, table: LatencyTable, policies: dict[str, Policy | None],
     return out
 
 
+#: the smallest conv the table can time (8 -> 8 channels, 1x1, 8x8 pixels): what an isolated one-conv graph
+#: costs per call whatever its size, taken off every entry so that pruning is not charged for it
+OVERHEAD_SHAPE = (8, 8, 1, 1, 1, 8, 8)
+
+
 @dataclass
 class PrecisionFit:
     """How one precision's whole-model latency is put together from its table entries (see the module doc)."""
 
-    scale: float = 1.0  # multiplies this precision's table entries: isolated convs overstate the fused graph
+    scale: float = 1.0  # multiplies this precision's table entries: isolated convs misstate the fused graph
     per_act_ms: float = 0.0  # the non-conv rest that scales with activations, per float model's volume
     const_ms: float = 0.0  # the non-conv rest that does not
 
 
-def solve_rest(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """``(per_act, const) >= 0`` with ``share * per_act + weight * const = rest`` for each anchor row.
+def _solve2(m: list[list[float]], r: list[float]) -> tuple[float, float] | None:
+    det = m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    if abs(det) < 1e-12:
+        return None
+    return (r[0] * m[1][1] - r[1] * m[0][1]) / det, (m[0][0] * r[1] - m[1][0] * r[0]) / det
 
-    One row (or a solution that goes negative on noisy timings): the one term that explains the first row.
+
+def fit_precision(rows: list[tuple[float, float, float, float]]) -> PrecisionFit:
+    """``scale * convs + per_act * share + const * weight = ms`` through the anchor rows, every term >= 0.
+
+    Full width alone: ``scale`` so the convs fit inside the whole, the rest constant. With the
+    half-width row too, two of the three are solved exactly with the third held: the scale
+    from full width (the rest splits into a shrinking and a constant part); else no constant
+    (the rest shrinks faster than the activations: in-graph convs cost another multiple of
+    their isolated time); else no per-activation part. The first that leaves no term negative
+    wins; noisy anchors that none fits fall back to full width alone.
     """
-    (a1, b1, r1), per, const = rows[0], -1.0, -1.0
+    (c1, a1, b1, m1) = rows[0]
+    s0 = min(1.0, m1 / c1) if c1 > 0 and m1 > 0 else 1.0
     if len(rows) > 1:
-        a2, b2, r2 = rows[1]
-        det = a1 * b2 - a2 * b1
-        if abs(det) > 1e-9:
-            per, const = (r1 * b2 - r2 * b1) / det, (a1 * r2 - a2 * r1) / det
-    if per >= 0 and const >= 0:
-        return per, const
-    r1 = max(r1, 0.0)
-    if per >= 0 > const and a1 > 0:  # the rest shrinks faster than the activations: no constant part
-        return r1 / a1, 0.0
-    return (0.0, r1 / b1) if b1 > 0 else ((r1 / a1, 0.0) if a1 > 0 else (0.0, 0.0))
+        c2, a2, b2, m2 = rows[1]
+        held_scale = _solve2([[a1, b1], [a2, b2]], [m1 - s0 * c1, m2 - s0 * c2])
+        no_const = _solve2([[c1, a1], [c2, a2]], [m1, m2])
+        no_per = _solve2([[c1, b1], [c2, b2]], [m1, m2])
+        for fit in ((s0, *held_scale) if held_scale else None, (*no_const, 0.0) if no_const else None,
+                    (no_per[0], 0.0, no_per[1]) if no_per else None):
+            if fit and fit[0] > 0 and fit[1] >= 0 and fit[2] >= 0:
+                return PrecisionFit(*fit)
+    rest = max(m1 - s0 * c1, 0.0)
+    return PrecisionFit(s0, 0.0, rest / b1) if b1 > 0 else PrecisionFit(s0, rest / a1 if a1 > 0 else 0.0, 0.0)
 
 
 class LatencyCost:
@@ -168,10 +186,15 @@ class LatencyCost:
         if "fp32" not in anchors:
             raise ValueError("a latency prediction needs at least the float model's fp32 latency")
         self.view, self.table, self.anchors = view, table, dict(anchors)
+        self.overhead = {p8: table(ConvShape(*OVERHEAD_SHAPE, p8)) for p8 in (False, True)}
         self.volume = sum(activation_volume(view, estimate(view)).values())
         structures = {"": None, **({"_half": half} if half is not None else {})}
         self.fits = {False: self._fit(structures, "fp32")}
         self.fits[True] = self._fit(structures, "int8") if "int8" in anchors else self.fits[False]
+
+    def conv_ms(self, shape: ConvShape) -> float:
+        """The table's entry for ``shape`` less the per-call cost of an isolated graph."""
+        return max(self.table(shape) - self.overhead[shape.int8], 0.0)
 
     def _terms(self, policy: Policy | None) -> tuple[dict[bool, float], dict[bool, float]]:
         """Table ms and share of the float model's activation volume of ``policy``'s convs, by int8-or-not."""
@@ -179,17 +202,17 @@ class LatencyCost:
         volume = activation_volume(self.view, cost)
         ms, share = {False: 0.0, True: 0.0}, {False: 0.0, True: 0.0}
         for name, shape in layer_shapes(self.view, cost).items():
-            ms[shape.int8] += self.table(shape)
+            ms[shape.int8] += self.conv_ms(shape)
             share[shape.int8] += volume[name] / self.volume
         return ms, share
 
     def _fit(self, structures: dict[str, Policy | None], precision: str) -> PrecisionFit:
-        """Scale from the full-width anchor, then per-activation and constant rest from both widths.
+        """One row per anchor of ``precision`` for :func:`fit_precision`.
 
         An int8 anchor keeps the convs our policies never quantize (the head's last ones) in fp32:
-        their share is predicted with the fp32 fit first, and the int8 fit explains what is left.
+        their part is predicted with the fp32 fit first, and the int8 fit explains what is left.
         """
-        int8, fit, rows = precision == "int8", PrecisionFit(), []
+        int8, rows = precision == "int8", []
         for suffix, policy in structures.items():
             if precision + suffix not in self.anchors:
                 continue
@@ -199,11 +222,8 @@ class LatencyCost:
             if int8:  # the fp32 convs of an int8 anchor, at the fp32 fit
                 f32 = self.fits[False]
                 rest -= f32.scale * ms[False] + f32.per_act_ms * share[False] + (1 - q) * f32.const_ms
-            if not rows:
-                fit.scale = min(1.0, rest / ms[int8]) if ms[int8] > 0 and rest > 0 else 1.0
-            rows.append((share[int8], q, rest - fit.scale * ms[int8]))
-        fit.per_act_ms, fit.const_ms = solve_rest(rows)
-        return fit
+            rows.append((ms[int8], share[int8], q, rest))
+        return fit_precision(rows)
 
     @classmethod
     def measured(cls, ws, table: LatencyTable, runs: int = 20) -> LatencyCost:
@@ -226,7 +246,7 @@ class LatencyCost:
         total = int8_share = 0.0
         for name, shape in layer_shapes(view, cost).items():
             fit, share = self.fits[shape.int8], volume[name] / self.volume
-            ms = fit.scale * self.table(shape) + fit.per_act_ms * share
+            ms = fit.scale * self.conv_ms(shape) + fit.per_act_ms * share
             cost.per_layer[name]["latency_ms"] = ms
             total += ms
             int8_share += share if shape.int8 else 0.0
