@@ -128,7 +128,8 @@ def measure_anchors(ws, table: LatencyTable, policies: dict[str, Policy | None],
                     model = ws.view.model if policy is None else ws.apply(policy, bn=False)
                 return measure_model_ms(model, ws.meta, imgsz, table.runtime, table.threads, runs,
                                         calib if precision == "int8" else None)
-            out[precision + suffix] = table.model_ms(f"{ws.weights_fp}|{imgsz}|{precision}{suffix}", timed)
+            key = f"{ws.weights_fp}|{imgsz}|{precision}|keep {1.0 if policy is None else ANCHOR_KEEP}"
+            out[precision + suffix] = table.model_ms(key, timed)
     return out
 
 
