@@ -117,7 +117,10 @@ def work_dir(weights: str | Path) -> Path:
 
 
 def compressed(args, work: Path) -> list[str]:
-    """``--compressed`` NAME=PATH specs, then one per ``--uniform`` (compressed here, calibrated only, kept x8)."""
+    """``--compressed`` NAME=PATH specs, then one per ``--uniform`` (compressed here, calibrated only, kept x8).
+
+    A spec splits at its last ``=``: names such as ``ajpq @ size=0.125`` carry one.
+    """
     specs = list(args.compressed)
     for spec in args.uniform:
         out = work / f"uniform-{spec}-round8.pt"
@@ -148,7 +151,7 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
                                                                                 calib)),
             ("peer: int8, NNCF defaults", "openvino", nncf_default_int8(fp32_onnx, work / "nncf-default.xml", calib))]
     for spec in compressed(args, work):
-        name, _, path = spec.partition("=")
+        name, _, path = spec.rpartition("=")
         src = Path(path)
         for decode in args.decode.split(","):
             tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") + ("" if decode == "graph" else f"-{decode}")
@@ -169,7 +172,7 @@ def predictions(args, rows: list[dict], threads: int | None) -> list[dict]:
     measured = {"onnxruntime": ": onnx-int8", "openvino": ": openvino-int8, NNCF"}
     costs, out = {}, []
     for spec in compressed(args, work_dir(args.weights)):
-        name, _, path = spec.partition("=")
+        name, _, path = spec.rpartition("=")
         policy = load_detector(path)[0].policy
         for runtime, suffix in measured.items():
             got = next((r for r in rows if r["name"] == name + suffix), None)
