@@ -180,7 +180,7 @@ def predictions(args, rows: list[dict], threads: int | None) -> list[dict]:
                 continue
             if runtime not in costs:
                 table = LatencyTable(runtime, threads)
-                table.models = {k: v for k, v in table.models.items() if not k.startswith(ws.weights_fp)}
+                table.forget_models(ws.weights_fp)  # the anchors are timed again, in this run
                 costs[runtime] = LatencyCost.measured(ws, table)
             cost = costs[runtime]
             pred = cost(ws.view, policy).latency_ms

@@ -133,6 +133,10 @@ class LatencyTable:
             self.save()
         return self.models[key]
 
+    def forget_models(self, prefix: str) -> None:
+        """Drop the whole-model timings whose key starts with ``prefix``: the next ``model_ms`` times them again."""
+        self.models = {k: v for k, v in self.models.items() if not k.startswith(prefix)}
+
     def save(self) -> None:
         write_json(self.path, {"runtime": self.runtime, "threads": self.threads, "cpu": cpu_label(),
                                "runtime_version": _runtime_version(self.runtime), "runs": self.runs,
