@@ -26,9 +26,9 @@ Columns: mAP50 and AP50 per class on ``--split``, file MB, median and p90 ms at 
 speed-up against fp32 onnxruntime and against fp32 on the same runtime. Artifacts are kept
 under $RSDET_RUNS/bench/runtime/<weights stem>/ and reused; latency is measured afresh.
 The latency table of ``search --budget latency=...`` (runtime/latency_table.py) is checked in
-the same run: its batch-1 prediction for each ``--compressed`` policy on each runtime, from
-this run's fp32 latency, against the measured int8 file (onnx-int8 on onnxruntime, the
-onnx-int8 QDQ graph on OpenVINO, boxes decoded in the graph).
+the same run: its batch-1 prediction for each ``--compressed`` policy on each runtime, fitted
+to anchor models timed again in this run, against the measured int8 file (onnx-int8 on
+onnxruntime, openvino-int8 by NNCF on OpenVINO, boxes decoded in the graph).
 With ``--profile``, each file's batch-1 pass is then broken down by operator and kernel
 (``rsdet-compress benchmark --profile``): where the time goes, and which layers really ran int8.
 Writes benchmarks/results/<--out>.{md,json}.
