@@ -55,7 +55,7 @@ from rsdet_compress.runtime.loader import load_model
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.latency_cost import LatencyCost
 from rsdet_compress.search.logbook import Logbook
-from rsdet_compress.search.runner import SearchConfig, search
+from rsdet_compress.search.runner import LEGACY_SETTINGS, SearchConfig, search
 from rsdet_compress.search.statefile import load_state
 from rsdet_compress.settings import runs_root
 from rsdet_compress.tracking.mlflow_tracker import check_store
@@ -116,8 +116,8 @@ def earlier_search(cfg: SearchConfig) -> str | None:
     states = sorted((runs_root() / "search").glob("*/state.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for state_file in states:
         state = load_state(state_file)
-        # settings added to SearchConfig after the checkpoint was written take their defaults
-        if {**asdict(cfg), **state.get("config", {})} == asdict(cfg):
+        # settings added to SearchConfig after the checkpoint was written: the value that reproduces it
+        if {**asdict(cfg), **LEGACY_SETTINGS, **state.get("config", {})} == asdict(cfg):
             return state_file.parent.name
     return None
 
@@ -145,11 +145,14 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
     latency = {"latency_runtime": args.latency_runtime} if "latency" in budget.as_dict() else {}
     tag += f"-{args.latency_runtime}" if latency else ""
     name = (f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}"
-            f"-r{args.recover_iters}-s{args.seed}{gpu_suffix(args)}")
+            f"-r{args.recover_iters}-s{args.seed}{'-u' if args.uniform_start else ''}{gpu_suffix(args)}")
     cfg = SearchConfig(weights=str(weights), data=str(data), agent=agent, episodes=args.episodes,
                        budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
                        recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
-                       seed=args.seed, device=args.device, experiment="rsdet-compress-bench", **latency)
+                       seed=args.seed, device=args.device, experiment="rsdet-compress-bench",
+                       uniform_start=args.uniform_start, **latency)
+    # a legacy setting at its legacy value stays out of the key, so records made before it existed still match
+    settings = {k: v for k, v in asdict(cfg).items() if LEGACY_SETTINGS.get(k, object()) != v}
 
     def run() -> dict:
         earlier = earlier_search(cfg)
@@ -164,7 +167,7 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
                 "best_policy": result.best_policy.to_dict(),
                 "candidates": [{"episode": r["episode"], "policy": policies[r["episode"]], "search": r["metrics"]}
                                for r in result.candidates if r["metrics"].get("meets_budget")]}
-    return kept(name, {"weights": digest(weights), "search": asdict(cfg)}, run)
+    return kept(name, {"weights": digest(weights), "search": settings}, run)
 
 
 def gpu_suffix(args) -> str:
@@ -179,6 +182,9 @@ def add_search_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--recover-iters", type=int, default=5, help="steps per layer of the fast reward")
     ap.add_argument("--channel-multiple", type=int, default=8, help="kept-channel multiple")
     ap.add_argument("--seed", type=int, default=0, help="search seed")
+    ap.add_argument("--uniform-start", action="store_true",
+                    help="the agents' first candidate is uniform 8-bit pruning at the budget (search's default; off "
+                         "here so the ledgered searches made before it are reused)")
     ap.add_argument("--latency-runtime", default="openvino", choices=RUNTIMES,
                     help="with a latency budget: the runtime it is measured on (the one our int8 export wins on)")
 

@@ -13,6 +13,7 @@ from rsdet_compress.errors import UserError
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import BITS, STATE_DIM, CompressEnv, EnvConfig, bits_for
 from rsdet_compress.search.rewards import REWARDS, accuracy, accuracy_log_cost, get_reward
+from rsdet_compress.search.searchers import make_searcher, uniform_action
 
 torch.set_num_threads(1)
 IMGSZ = 256
@@ -120,6 +121,48 @@ def test_impossible_budget_is_refused_before_any_evaluation(view):
     with pytest.raises(UserError, match="impossible"):
         _env(view, ["size=0.0005"], seen=seen)
     assert not seen
+
+
+def test_uniform_start_is_the_least_uniform_8_bit_pruning_inside_the_budget(view, budget=("size=0.125",)):
+    """The learning agents' first candidate: one sparsity for every group, 8-bit weights, the budget met without
+    the wall; a little less pruning would need the wall. The agent learns from it like any episode."""
+    searcher = make_searcher("ajpq", lambda cfg, which: _env(view, budget, cfg), 8, 0, EnvConfig())
+    cand = searcher.run_episode(0)
+    assert searcher.stage(0) == "uniform-start" and searcher.stage(1) == "ajpq"
+    assert searcher.env.episode == 0 and cand.episode == 0, "the bisection's walks are not episodes"
+    assert cand.meets_budget and searcher.env.walled == 0
+    assert searcher.agent.elite is not None and searcher.agent.elite[0] == cand.reward
+    bits = {b for spec in cand.policy.layers.values()
+            for b in (spec["weight_bits"] if isinstance(spec["weight_bits"], list) else [spec["weight_bits"]])}
+    assert bits == {8} and len(cand.policy.layers) == len(view.quantizable)
+    sizes = {g: view.groups[g].size for g in cand.policy.groups}
+    pruned = {g: 1 - len(spec["keep_idx"]) / sizes[g] for g, spec in cand.policy.groups.items()}
+    largest = max(sizes, key=sizes.get)  # its fraction is the action's sparsity within half a channel
+    sparsity = pruned[largest]
+    assert sparsity > 0.05, pruned
+    assert all(abs(f - sparsity) <= 0.5 / sizes[g] + 0.5 / sizes[largest] + 1e-9
+               or len(cand.policy.groups[g]["keep_idx"]) == 1 for g, f in pruned.items()), pruned
+    env = searcher.env
+    env.reset()
+    for _ in env.steps:
+        env.step(np.array([sparsity - 0.02, 1.0, 0.0]))
+    assert env.walled > 0, "less pruning than the uniform start must not fit"
+
+
+def test_uniform_start_falls_back_to_the_agent_when_no_uniform_8_bit_policy_fits(view):
+    env = _env(view, ["size=0.5"])
+    cheapest = env.budget.usage(env._cost(env._cheapest_policy()), env.ref)["size"]
+    densest = _run(env, lambda t: np.array([env.cfg.max_sparsity, 1.0, 0.0]))[2].usage["size"]
+    assert densest > cheapest, "8-bit weights must cost more than the cheapest (2-bit) policy"
+    budget = [f"size={(cheapest + densest) / 2:.6f}"]  # every layer at the largest sparsity: 2-bit fits, 8-bit not
+    searcher = make_searcher("ajpq", lambda cfg, which: _env(view, budget, cfg), 8, 0, EnvConfig())
+    assert uniform_action(searcher.env) is None
+    cand = searcher.run_episode(0)
+    assert cand.meets_budget and searcher.stage(0) == "ajpq" and searcher.env.episode == 0
+    off = make_searcher("ajpq", lambda cfg, which: _env(view, ["size=0.125"], cfg), 8, 0, EnvConfig(),
+                        uniform_start=False)
+    off.run_episode(0)
+    assert off.stage(0) == "ajpq"
 
 
 def test_bits_follow_importance():

@@ -142,6 +142,7 @@ class CompressEnv:
         self.layers: dict[str, dict] = {}
         self.sparsity: dict[str, float] = {}
         self.t, self.prev = 0, np.zeros(ACTION_DIM, dtype=np.float32)
+        self.walled = 0  # steps of this episode whose action the budget wall projected
         self.episode += 1
         self.candidate = None
         return self._state()
@@ -158,6 +159,7 @@ class CompressEnv:
                 mid = (lo + hi) / 2
                 lo, hi = (lo, mid) if self._feasible(name, a + mid * (cheap - a)) else (mid, hi)
             a = a + hi * (cheap - a)
+            self.walled += 1
         self._commit(name, a)
         self.prev = a.astype(np.float32)
         self.t += 1

@@ -92,12 +92,19 @@ class SearchConfig:
     latency_runtime: str = "onnxruntime"
     #: with a latency budget: CPU threads of the measurement (None: all; the deployment's own count is best)
     latency_threads: int | None = None
+    #: the learning agents' first candidate is uniform pruning at 8-bit weights at the budget, so the simplest policy
+    #: is always compared (search.searchers.AgentSearcher); off: a random warm-up draw, as checkpoints before it had
+    uniform_start: bool = True
     #: candidates evaluated at once, each by a Ray worker (1: in this process, exactly the sequential search;
     #: the agents then learn after each batch of this many)
     workers: int = 1
     #: Ray cluster to run the workers on ("auto": the one `ray start` made here, HOST:PORT: a head node;
     #: None: a local one started for this search, on 127.0.0.1)
     ray_address: str | None = None
+
+
+#: settings added after search checkpoints were first written, at the value that reproduces those checkpoints
+LEGACY_SETTINGS = {"uniform_start": False}
 
 
 @dataclass
@@ -165,7 +172,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         if not isinstance(state.get("config"), dict) or set(state["config"]) - set(SearchConfig.__dataclass_fields__):
             raise UserError(f"{path}: not a search checkpoint of this rsdet-compress (field 'config')")
         # episodes=None means "the search's own count"; 0 is a value, and an error (checked below)
-        cfg = SearchConfig(**{**state["config"],
+        cfg = SearchConfig(**{**LEGACY_SETTINGS, **state["config"],
                               **{k: v for k, v in overrides.items() if k == "episodes" and v is not None}})
     else:
         cfg = config or SearchConfig()
@@ -186,7 +193,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         return CompressEnv(ws.view, scores, b, evaluator, reward_fn, cfg.metric, env_cfg, cfg.criterion, cost_fn)
 
     env_cfg = EnvConfig(act_bits=cfg.act_bits, max_sparsity=cfg.max_sparsity, channel_multiple=cfg.channel_multiple)
-    searcher = make_searcher(cfg.agent, make_env, cfg.episodes, cfg.seed, env_cfg)
+    searcher = make_searcher(cfg.agent, make_env, cfg.episodes, cfg.seed, env_cfg, cfg.uniform_start)
     book = Logbook(uri, cfg.experiment, parent=resume)
     group_sizes = {g: grp.size for g, grp in ws.view.groups.items()}
     if state is None:
