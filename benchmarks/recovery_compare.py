@@ -272,6 +272,16 @@ def markdown(rows: list[dict], header: str, boxes: dict[str, int] | None = None)
     return "\n".join(out) + "\n"
 
 
+def check_work(work: Path, policy: Policy) -> None:
+    """Stage files in ``work`` are reused by path: refuse a folder whose stages were made from another policy."""
+    record = work / "policy.json"
+    if record.is_file() and Policy.load(record).to_dict() != policy.to_dict():
+        raise SystemExit(f"error: {work} holds the stages of another policy ({record}); move it away or rename "
+                         "the policy")
+    if not record.is_file():
+        policy.save(record)
+
+
 def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args,
                 ablate_least_squares: bool = False) -> list[tuple[str, Path, float]]:
     """Compress -> recover (-> QAT) for one policy: (stage, checkpoint, wall minutes) each.
@@ -332,7 +342,8 @@ def main() -> None:
         budget = Budget.parse(args.budget.split(","))
         for agent in filter(None, args.searches.split(",")):
             found = cached_search(agent, weights, data, budget, args)
-            policies.append((f"{agent} @ {args.budget}", Policy.from_dict(found["best_policy"])))
+            start = " (uniform start)" if args.uniform_start else ""
+            policies.append((f"{agent}{start} @ {args.budget}", Policy.from_dict(found["best_policy"])))
         cost = budget_cost(ws, budget, args) if args.uniform_bits else estimate
         for bits in args.uniform_bits:
             spec, policy = uniform_at_budget(ws, bits, budget, cost)
@@ -352,6 +363,7 @@ def main() -> None:
         def policy_rows(name=name, policy=policy, work=work, ratios=ratios) -> list[dict]:
             out = []
             work.mkdir(parents=True, exist_ok=True)
+            check_work(work, policy)
             for stage, path, minutes in make_stages(policy, weights, data, work, args, args.ablate_least_squares):
                 m, ev = score(path, evaluator)
                 ci = paired_bootstrap(ref_ev, ev, evalset.image_ids, args.bootstrap) if args.bootstrap else None
