@@ -147,7 +147,8 @@ class AgentSearcher(Searcher):
 
     def propose(self, episode: int) -> Proposal:
         action = uniform_action(self.env) if self.uniform_start and episode == 0 else None
-        self.uniform_episode = episode if action is not None else self.uniform_episode
+        if action is not None:
+            self.uniform_episode = episode
         return _propose(self.env, self.agent, episode, action)
 
     def stage(self, episode: int) -> str:
