@@ -98,7 +98,8 @@ def test_driver_killed_mid_batch_resumes_with_nothing_lost_or_doubled(trained_yo
         if states:
             run_id = states[0].parent.name
             kids = _children(run_id)
-            seen = {int(k.data.tags["episode"]): dict(k.data.params) for k in kids}
+            # a run is complete once FINISHED: before that its params may still be on the way
+            seen = {int(k.data.tags["episode"]): dict(k.data.params) for k in kids if k.info.status == "FINISHED"}
             if len(seen) >= 3:
                 break
         time.sleep(0.2)
