@@ -228,6 +228,8 @@ def main() -> None:
                     help=f"exports of each --compressed checkpoint, comma-separated from {','.join(VARIANTS)}")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="passes over all rows, each timing runs/rounds calls of every row (see LatencyConfig)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both runtimes (default: all)")
     ap.add_argument("--profile", action="store_true", help="also each file's batch-1 time per operator and kernel")
     ap.add_argument("--out", default="runtime_compare")
@@ -238,7 +240,8 @@ def main() -> None:
     batches = tuple(int(b) for b in args.batches.split(","))
     made = artifacts(args)
     load = os.getloadavg()
-    cfg = LatencyConfig(batches=batches, runs=args.runs, warmup=5, threads=args.threads, devices=("cpu",))
+    cfg = LatencyConfig(batches=batches, runs=args.runs, warmup=5, rounds=args.rounds, threads=args.threads,
+                        devices=("cpu",))
     timed = benchmark([p for _, _, p in made], cfg)
     info = machine(cfg.threads)
     by = {(r.artifact, r.batch): r for r in timed}
@@ -262,7 +265,8 @@ def main() -> None:
         f'"{a}"' if " " in a else a for a in sys.argv[1:])
     header = (f"# Runtimes: fp32, peer int8 and ours on {args.split} of {args.data}\n\n"
               f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, onnxruntime {info['onnxruntime']}, "
-              f"openvino {info.get('openvino')}; {args.runs} runs after 5 warm-up per row, all rows in one run; "
+              f"openvino {info.get('openvino')}; {args.runs} runs per row after 5 warm-up, in {cfg.rounds} passes "
+              f"over all rows (a spell of load slows every row alike), all rows in one run; "
               f"load average at the start {load[0]:.2f} / {load[1]:.2f} (1 / 5 min)\n\nCommand: `{command}`")
     preds = []
     if 1 in batches and (args.compressed or args.uniform):

@@ -54,6 +54,24 @@ def test_rows_speedups_and_batch_cost(trained_yolov8n, float_onnx):
     assert b8.throughput > 0 and b1.extra["precision"] == "fp32"
 
 
+def test_rounds_interleave_every_row_and_keep_the_run_count(trained_yolov8n, float_onnx, monkeypatch):
+    from rsdet_compress.engine import latency
+    calls, real = [], latency.time_fn
+
+    def spy(fn, runs, warmup, sync=lambda: None):
+        calls.append((fn.args[-1].shape[0], runs, warmup))  # (batch of the row, timed runs, untimed runs)
+        return real(fn, runs, warmup, sync)
+    monkeypatch.setattr(latency, "time_fn", spy)
+    cfg = LatencyConfig(batches=(1, 2), runs=5, warmup=2, rounds=2, imgsz=96, devices=("cpu",))
+    rows = benchmark([trained_yolov8n, float_onnx], cfg)
+    # pass 1 times every row (3 runs each, full warm-up), then pass 2 every row again (2 runs, one re-warm call):
+    # a spell of load during one pass slows all four rows, not the ones that happened to be timed then
+    assert calls == [(1, 3, 2), (2, 3, 2), (1, 3, 2), (2, 3, 2), (1, 2, 1), (2, 2, 1), (1, 2, 1), (2, 2, 1)]
+    assert len(rows) == 4 and all(r.p90_ms >= r.median_ms > 0 for r in rows)
+    with pytest.raises(UserError, match="--rounds must be >= 1"):
+        LatencyConfig(rounds=0)
+
+
 def test_cli_writes_json_and_logs_mlflow(trained_yolov8n, float_onnx, tmp_path, capsys):
     out = tmp_path / "lat.json"
     rc = main(["benchmark", "--weights", str(trained_yolov8n), "--onnx", str(float_onnx), "--batch", "1",

@@ -12,12 +12,14 @@ every other runtime is compared with).
 """
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +44,9 @@ class LatencyConfig:
     runs: int = 30
     #: untimed runs first: kernel selection, allocator, CUDA context
     warmup: int = 5
+    #: passes over all rows, each timing runs/rounds calls of every row: on a shared machine a spell of load then
+    #: slows every row a little instead of whichever rows were timed during it, so ratios within one run hold
+    rounds: int = 3
     #: input side; None = each model's own (its training size)
     imgsz: int | None = None
     #: CPU threads for both backends; None = torch's default (all cores)
@@ -57,8 +62,9 @@ class LatencyConfig:
         """Bad values fail before any model is loaded; 0 is an error, never "the default"."""
         if not self.batches or any(b < 1 for b in self.batches):
             raise UserError(f"--batch sizes must be >= 1, got {','.join(map(str, self.batches))}")
-        if self.runs < 1 or self.warmup < 0:
-            raise UserError(f"--runs must be >= 1 and --warmup >= 0, got {self.runs} and {self.warmup}")
+        if self.runs < 1 or self.warmup < 0 or self.rounds < 1:
+            raise UserError(f"--runs and --rounds must be >= 1 and --warmup >= 0, got {self.runs}, {self.rounds} "
+                            f"and {self.warmup}")
         check_imgsz(self.imgsz)
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
@@ -126,76 +132,99 @@ def _imgsz(meta: dict, cfg: LatencyConfig) -> int:
     return int(size)
 
 
-def _measure_torch(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
+@dataclass
+class _Probe:
+    """One row to be timed: its loaded model called on its input, and the row's fixed fields."""
+
+    row: dict
+    call: Callable[[], object]
+    sync: Callable[[], None] = lambda: None
+    times: list[float] = field(default_factory=list)
+
+
+def _batch(cfg: LatencyConfig, b: int, imgsz: int, device: str = "cpu") -> torch.Tensor:
+    return torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+
+
+def _infer(model: torch.nn.Module, x: torch.Tensor):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _torch_probes(path: Path, cfg: LatencyConfig) -> list[_Probe]:
     model, meta = load_model(path)
     imgsz = _imgsz(meta, cfg)
-    rows = []
+    probes = []
     for device in _torch_devices(cfg.devices):
-        m = model.to(device).eval()
+        m = (model if device == "cpu" else copy.deepcopy(model).to(device)).eval()
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         for b in cfg.batches:
-            x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-            with torch.inference_mode():
-                t = time_fn(lambda m=m, x=x: m(x), cfg.runs, cfg.warmup, sync)
-            rows.append(LatencyRow(str(path), "pytorch", device, b, imgsz, size_bytes=path.stat().st_size,
-                                   extra={"compressed": bool(meta.get("compressed"))}, **summarize(t, b)))
-        model.to("cpu")
-    return rows
+            call = partial(_infer, m, _batch(cfg, b, imgsz, device))
+            probes.append(_Probe(dict(artifact=str(path), backend="pytorch", device=device, batch=b, imgsz=imgsz,
+                                      size_bytes=path.stat().st_size,
+                                      extra={"compressed": bool(meta.get("compressed"))}), call, sync))
+    return probes
 
 
 def _artifact_info(meta: dict) -> dict:
     return {"precision": meta.get("precision"), "decode": meta.get("decode", "graph")}
 
 
-def _measure_onnx(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
-    rows = []
+def _onnx_probes(path: Path, cfg: LatencyConfig) -> list[_Probe]:
+    probes = []
     for device, providers in _ort_providers(cfg.devices):
         det = OnnxDetector(path, threads=cfg.threads, providers=providers)
         imgsz = _imgsz(det.meta, cfg)
-        for b in cfg.batches:
-            x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed))
-            t = time_fn(lambda det=det, x=x: det(x), cfg.runs, cfg.warmup)  # the session, and a host decode
-            rows.append(LatencyRow(str(path), "onnxruntime", device, b, imgsz, size_bytes=path.stat().st_size,
-                                   extra=_artifact_info(det.meta), **summarize(t, b)))
-        del det
-    return rows
+        for b in cfg.batches:  # the session, and a host decode
+            probes.append(_Probe(dict(artifact=str(path), backend="onnxruntime", device=device, batch=b, imgsz=imgsz,
+                                      size_bytes=path.stat().st_size, extra=_artifact_info(det.meta)),
+                                 partial(det, _batch(cfg, b, imgsz))))
+    return probes
 
 
-def _measure_openvino(path: Path, cfg: LatencyConfig) -> list[LatencyRow]:
+def _openvino_probes(path: Path, cfg: LatencyConfig) -> list[_Probe]:
     """CPU rows of an OpenVINO IR, each batch on the IR compiled for that static shape (as deployed)."""
     if "cpu" not in cfg.devices:
         return []
     det = OpenVinoDetector(path, threads=cfg.threads)
     imgsz = _imgsz(det.meta, cfg)
-    rows = []
-    for b in cfg.batches:
-        x = torch.rand(b, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(cfg.seed))
-        t = time_fn(lambda det=det, x=x: det(x), cfg.runs, cfg.warmup)  # the request, and a host decode
-        size = path.stat().st_size + bin_path(path).stat().st_size
-        rows.append(LatencyRow(str(path), "openvino", "cpu", b, imgsz, size_bytes=size,
-                               extra=_artifact_info(det.meta), **summarize(t, b)))
-    return rows
+    size = path.stat().st_size + bin_path(path).stat().st_size
+    return [_Probe(dict(artifact=str(path), backend="openvino", device="cpu", batch=b, imgsz=imgsz, size_bytes=size,
+                        extra=_artifact_info(det.meta)), partial(det, _batch(cfg, b, imgsz)))
+            for b in cfg.batches]  # the request, and a host decode
 
 
-def measure(path: str | Path, cfg: LatencyConfig | None = None) -> list[LatencyRow]:
-    """Rows for one artifact: ``.onnx`` on onnxruntime, ``.xml`` on OpenVINO, anything else on PyTorch."""
-    cfg = cfg or LatencyConfig()
+def _probes(path: str | Path, cfg: LatencyConfig) -> list[_Probe]:
+    """``.onnx`` on onnxruntime, ``.xml`` on OpenVINO, anything else on PyTorch."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
-    bad = [b for b in cfg.batches if b < 1]
-    if bad or not cfg.batches:
-        raise UserError(f"batch sizes must be >= 1, got {list(cfg.batches)}")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return _onnx_probes(path, cfg)
+    return _openvino_probes(path, cfg) if suffix == OV_SUFFIX else _torch_probes(path, cfg)
+
+
+def _time(paths: list, cfg: LatencyConfig) -> list[LatencyRow]:
+    """Load every artifact, then time the rows in ``cfg.rounds`` passes over all of them (see LatencyConfig)."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        suffix = path.suffix.lower()
-        if suffix == ".onnx":
-            return _measure_onnx(path, cfg)
-        return _measure_openvino(path, cfg) if suffix == OV_SUFFIX else _measure_torch(path, cfg)
+        probes = [p for a in paths for p in _probes(a, cfg)]
+        rounds = min(cfg.rounds, cfg.runs)
+        for r in range(rounds):
+            runs = cfg.runs // rounds + (r < cfg.runs % rounds)
+            for p in probes:  # after the first pass one untimed call re-warms caches the other models used
+                p.times += time_fn(p.call, runs, cfg.warmup if r == 0 else min(cfg.warmup, 1), p.sync)
     finally:
         torch.set_num_threads(threads)
+    return [LatencyRow(**p.row, **summarize(p.times, p.row["batch"])) for p in probes]
+
+
+def measure(path: str | Path, cfg: LatencyConfig | None = None) -> list[LatencyRow]:
+    """Rows for one artifact: ``.onnx`` on onnxruntime, ``.xml`` on OpenVINO, anything else on PyTorch."""
+    return _time([path], cfg or LatencyConfig())
 
 
 def benchmark(artifacts: list[str | Path], cfg: LatencyConfig | None = None) -> list[LatencyRow]:
@@ -203,7 +232,7 @@ def benchmark(artifacts: list[str | Path], cfg: LatencyConfig | None = None) -> 
     if not artifacts:
         raise UserError("benchmark needs at least one model file")
     cfg = cfg or LatencyConfig()
-    rows = [r for a in artifacts for r in measure(a, cfg)]
+    rows = _time(list(artifacts), cfg)
     first_onnx = next((str(Path(a)) for a in artifacts if str(a).lower().endswith(".onnx")), None)
     ref = {(r.artifact, r.backend, r.device, r.batch): r.median_ms for r in rows}
     first = {}
