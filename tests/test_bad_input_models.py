@@ -254,7 +254,8 @@ def test_evaluate_bad_sizes_are_one_line(flags, needle, capsys, data, weights):
 
 
 @pytest.mark.parametrize("flags,needle", [(["--imgsz", "0"], "--imgsz"), (["--threads", "0"], "--threads"),
-                                          (["--batch", "0"], "--batch"), (["--runs", "0"], "--runs")])
+                                          (["--batch", "0"], "--batch"), (["--runs", "0"], "--runs"),
+                                          (["--rounds", "0"], "--rounds")])
 def test_benchmark_zero_is_an_error(flags, needle, capsys, weights):
     run_error(capsys, ["benchmark", "--weights", weights, "--no-track", *flags], needle)
 
