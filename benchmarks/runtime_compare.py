@@ -65,13 +65,18 @@ from rsdet_compress.settings import runs_root
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 WORK = runs_root() / "bench" / "runtime"
-#: exports of each --compressed checkpoint: name -> (row label, runtime, export format, file suffix, OpenVINO quantizer)
+#: exports of each --compressed checkpoint: name -> (row label, runtime, export format, file suffix, OpenVINO quantizer,
+#: full 8-bit weight codes: only where the CPU has VNNI or is ARM, see export.onnx.FULL_RANGE_WEIGHTS)
 VARIANTS = {
-    "onnx-int8": ("onnx-int8", "onnxruntime", "onnx-int8", ".int8.onnx", "nncf"),
-    "openvino": ("openvino, fp32 weights + our activation FQ", "openvino", "openvino", ".xml", "nncf"),
-    "openvino-int8": ("openvino-int8, NNCF", "openvino", "openvino-int8", ".int8.xml", "nncf"),
+    "onnx-int8": ("onnx-int8", "onnxruntime", "onnx-int8", ".int8.onnx", "nncf", False),
+    "openvino": ("openvino, fp32 weights + our activation FQ", "openvino", "openvino", ".xml", "nncf", False),
+    "openvino-int8": ("openvino-int8, NNCF", "openvino", "openvino-int8", ".int8.xml", "nncf", False),
+    "openvino-int8-full": ("openvino-int8, NNCF, 8-bit weight codes", "openvino", "openvino-int8", ".full.int8.xml",
+                           "nncf", True),
     "openvino-int8-ortq": ("openvino-int8, onnx-int8 QDQ (our ranges)", "openvino", "openvino-int8", ".ortq.int8.xml",
-                           "onnxruntime"),
+                           "onnxruntime", False),
+    "openvino-int8-ortq-full": ("openvino-int8, onnx-int8 QDQ (our ranges), 8-bit weight codes", "openvino",
+                                "openvino-int8", ".ortq.full.int8.xml", "onnxruntime", True),
 }
 
 
@@ -137,11 +142,12 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
     work = work_dir(weights)
     work.mkdir(parents=True, exist_ok=True)
 
-    def made(src: Path, fmt: str, name: str, decode: str = "graph", quantizer: str = "nncf") -> Path:
+    def made(src: Path, fmt: str, name: str, decode: str = "graph", quantizer: str = "nncf",
+             full_range: bool = False) -> Path:
         out = work / name
         if not out.is_file():
             export(src, fmt, out=out, data=data, split="val", calib_images=args.calib_images, decode=decode,
-                   ov_quantizer=quantizer)
+                   ov_quantizer=quantizer, full_range_weights=full_range)
         return out
     fp32_onnx = made(weights, "onnx", "fp32.onnx")
     fp32_ov = made(weights, "openvino", "fp32.xml")
@@ -157,8 +163,9 @@ def artifacts(args) -> list[tuple[str, str, Path]]:
             tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") + ("" if decode == "graph" else f"-{decode}")
             how = "" if decode == "graph" else f", {decode} decode"
             for v in args.variants.split(","):
-                label, runtime, fmt, suffix, quantizer = VARIANTS[v]
-                rows.append((f"{name}: {label}{how}", runtime, made(src, fmt, tag + suffix, decode, quantizer)))
+                label, runtime, fmt, suffix, quantizer, full_range = VARIANTS[v]
+                rows.append((f"{name}: {label}{how}", runtime,
+                             made(src, fmt, tag + suffix, decode, quantizer, full_range)))
     return rows
 
 
