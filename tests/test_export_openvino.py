@@ -118,6 +118,8 @@ def test_onnxruntime_quantized_ir_keeps_our_ranges(compressed, small_airbus, tmp
     assert meta["quantizer"].startswith("onnxruntime") and meta["decode"] == "host" and meta["precision"] == "int8"
     ops = _ops(r["path"])
     assert ops["FakeQuantize"] > 20 and ops["Softmax"] == 0
+    # SiLU is fused (Swish) as in NNCF's IR: no FakeQuantize between its Sigmoid and Mul
+    assert ops.get("Swish", 0) > 20 and ops.get("Sigmoid", 0) == 0
     with pytest.raises(UserError, match="unknown --ov-quantizer 'tflite'"):
         export(compressed, "openvino-int8", out=tmp_path / "x.xml", data=small_airbus, ov_quantizer="tflite")
 

@@ -323,7 +323,8 @@ FULL_RANGE_WEIGHTS = False
 
 
 def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable, per_channel: bool = True,
-                  quantize_head_outputs: bool = True, full_range_weights: bool = FULL_RANGE_WEIGHTS) -> Path:
+                  quantize_head_outputs: bool = True, full_range_weights: bool = FULL_RANGE_WEIGHTS,
+                  op_types: tuple[str, ...] | None = None) -> Path:
     """int8 static quantization of one of our float ONNX files with onnxruntime (QDQ format).
 
     Weights: int8, symmetric, per output channel (``per_channel``), codes within
@@ -367,7 +368,7 @@ def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable,
             quantize_static(str(onnx_in), str(q), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             reduce_range=not full_range_weights, calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=exclude)
+                            nodes_to_exclude=exclude, op_types_to_quantize=list(op_types) if op_types else None)
         finally:
             logging.getLogger().removeFilter(quiet)
         proto = onnx.load(str(q))
