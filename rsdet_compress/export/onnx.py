@@ -335,7 +335,8 @@ def quantize_int8(onnx_in: str | Path, out: str | Path, calib_batches: Iterable,
     head's last convs float. A compressed model's own activation QDQ (its policy's
     bit-widths and calibrated ranges) is kept and reused as the conv input's
     quantization; its weights, already on a <= 8-bit grid, are re-expressed as int8
-    codes per channel. Metadata is copied with ``precision: int8``.
+    codes per channel. ``op_types`` limits which ops get Q/DQ (default: every op onnxruntime can quantize).
+    Metadata is copied with ``precision: int8``.
     """
     # onnxruntime's quantization tools are only needed for int8 export: kept out of the CLI's start-up
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
