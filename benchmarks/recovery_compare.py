@@ -373,7 +373,8 @@ def main() -> None:
         key = {"weights": digest(weights), "data": str(data), "split": args.split, "policy": policy.to_dict(),
                "stages": stage_settings}
         # other recovery chips or steps: a record of their own beside the default recovery's, not in its place
-        recipe = "" if (args.images, args.iters) == (256, 300) else f"-i{args.images}-s{args.iters}"
+        default = (ap.get_default("images"), ap.get_default("iters"))
+        recipe = "" if (args.images, args.iters) == default else f"-i{args.images}-s{args.iters}"
         rows += kept(f"rows-{work.name}{recipe}", key, policy_rows)
     header = (f"# Recovery: {weights} on the {args.split} split of {data} ({len(evalset)} images)\n\n"
               f"`python benchmarks/recovery_compare.py {' '.join(sys.argv[1:])}`  \n"
