@@ -182,3 +182,36 @@ def test_missing_package_or_unknown_runtime_is_one_line_exit_2(trained_yolov8n, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not list(tmp_path.iterdir())  # refused before the first artifact (the onnx) was written
+
+
+def test_a_concat_input_pruned_away_recovers_and_leaves_both_graphs(small_airbus, chips, tmp_path):
+    """A policy may prune every channel one input brings to a concat (SkyNet's reorg bypass): recovery fits it,
+    and the ONNX and OpenVINO graphs drop the branch instead of carrying a zero-channel tensor."""
+    from rsdet_compress.detectors.checkpoint import save_detector
+    from rsdet_compress.detectors.factory import create_detector
+    from rsdet_compress.detectors.skynet import Reorg
+    from rsdet_compress.engine.recovery import RecoverConfig, recover
+    from rsdet_compress.export.onnx import export_module
+    from rsdet_compress.export.openvino import export_openvino
+    torch.manual_seed(0)
+    weights = save_detector(create_detector("skynet", 2, names=["Airplane", "Truncated_airplane"]),
+                            tmp_path / "skynet.pt", {"imgsz": 160})  # small: recovery runs at stride 8
+    view = Workspace.from_weights(weights).view
+    group = view.groups["model.7.pw"]  # the concat of the reorg's 768 channels (first) and model.7's 512
+    assert group.size == 768 + 512
+    policy = Policy(detector="skynet", imgsz=160, groups={"model.7.pw": {"keep_idx": list(range(768, 1280))}},
+                    layers={n: {"weight_bits": 8, "act_bits": 8} for n in view.quantizable})
+    ckpt = compress(weights, policy, tmp_path / "no-reorg.pt", data=small_airbus, calib_images=16)["out"]
+    model, meta = load_detector(ckpt)
+    assert [m.keep.numel() for m in model.modules() if isinstance(m, Reorg)] == [0]
+    rec = recover(RecoverConfig(weights=str(ckpt), data=str(small_airbus), images=16, iters=2, val=False,
+                                track=False, out=str(tmp_path / "recovered.pt")))
+    assert rec["structure_kept"] and any(row["steps"] > 0 for row in rec["layers"])
+    model, meta = load_detector(rec["weights"])
+    import onnx
+    plain = export_module(model, meta, tmp_path / "no-reorg.onnx", 160, act_qdq=False)
+    assert not [n for n in onnx.load(str(plain)).graph.node if n.op_type == "Transpose" and "model.8" in n.name]
+    ir = export_openvino(model, meta, tmp_path / "no-reorg.xml", 160)
+    with torch.no_grad():
+        ref, got = model(chips[:2])[0], load_model(ir)[0](chips[:2])
+    assert (got[:, :4] - ref[:, :4]).abs().max() <= BOX_ATOL and (got[:, 4:] - ref[:, 4:]).abs().max() <= SCORE_ATOL

@@ -116,7 +116,7 @@ def compensate(float_unit: nn.Module, comp_unit: nn.Module, float_in, comp_in, p
             x = conv.act_quant(x)
         y = targets[fmods[name]]
         if name in out_maps:
-            y = y.index_select(1, torch.tensor(out_maps[name], device=y.device))
+            y = y.index_select(1, torch.tensor(out_maps[name], dtype=torch.long, device=y.device))
         if y.shape[1] != conv.out_channels:
             continue
         w, b = refit(conv, x, y, gen)
@@ -127,7 +127,8 @@ def compensate(float_unit: nn.Module, comp_unit: nn.Module, float_in, comp_in, p
             bn_name = bn_of.get(name)
             if bn_name in cmods and bn_name in fmods:
                 fbn, cbn = fmods[bn_name], cmods[bn_name]
-                keep = torch.tensor(out_maps[bn_name] if bn_name in out_maps else range(fbn.num_features))
+                keep = torch.tensor(out_maps[bn_name] if bn_name in out_maps else range(fbn.num_features),
+                                    dtype=torch.long)
                 for attr in ("running_mean", "running_var", "weight", "bias"):
                     getattr(cbn, attr).copy_(getattr(fbn, attr)[keep])
         fitted[conv] = clip_weight_ranges(conv, clip_factors) if isinstance(conv, QConv2d) else 0

@@ -110,7 +110,8 @@ def build_units(float_model: nn.Module, compressed: nn.Module, view: Compressibl
             omap = None
         elif i in last:
             kept = maps.get(last[i])
-            omap = torch.tensor(kept) if kept is not None else None
+            # long even when empty: a concat group may drop every channel of one input (SkyNet's reorg)
+            omap = torch.tensor(kept, dtype=torch.long) if kept is not None else None
         elif len(inputs) > 1:  # concat: the inputs' maps, offset by the float channels before each
             parts, offset = [], 0
             for j in inputs:

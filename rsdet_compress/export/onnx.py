@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from ultralytics.nn.modules import Concat
 
 from rsdet_compress.atomic import atomic_path
 from rsdet_compress.compress.quant import FLOAT_BITS, ActQuantizer, QConv2d, fake_quant_weight
@@ -110,6 +111,11 @@ def _raw_head_output(head: nn.Module, x: dict) -> torch.Tensor:
     return torch.cat((x["boxes"], x["scores"]), 1)
 
 
+def _cat_nonempty(self: nn.Module, x: list[torch.Tensor]) -> torch.Tensor:
+    """``Concat.forward`` without the inputs a policy pruned to no channels: they leave the graph."""
+    return torch.cat([t for t in x if t.shape[self.d]], self.d)
+
+
 def detect_head(model: nn.Module) -> nn.Module:
     """The model's ultralytics Detect head (the last, if several)."""
     heads = [m for m in model.modules() if _is_head(m)]
@@ -139,6 +145,8 @@ def exportable(model: nn.Module, act_qdq: bool = True, decode: str = "graph") ->
             conv = nn.Sequential(ActQDQ(aq), conv)
         setattr(parent, leaf, conv)
     for m in model.modules():
+        if isinstance(m, Concat):  # a zero-channel input (all of SkyNet's reorg pruned) breaks OpenVINO's reader
+            m.forward = types.MethodType(_cat_nonempty, m)
         if _is_head(m):
             m.dynamic = True
             if decode == "host":
