@@ -200,3 +200,25 @@ def test_mlflow_down_until_the_end_keeps_candidates_and_resume_uploads_them(trai
     assert _episodes(uri, r.run_id) == [0, 1, 2, 3]
     assert MlflowClient(uri).get_run(r.run_id).info.status == "FINISHED"
     assert not (Path(r.out_dir) / "pending.jsonl").exists()
+
+
+def test_a_repeated_policy_is_scored_once(trained_yolov8n: Path, small_airbus: Path, monkeypatch):
+    """A ladder that comes back to 8 bits: the 3rd candidate is the 1st policy again, logged but not re-evaluated."""
+    from mlflow import MlflowClient
+
+    from rsdet_compress.search import evaluation, searchers
+    monkeypatch.setattr(searchers.UniformSearcher, "LADDER", (8, 4, 8))
+    scored = []
+    real = evaluation.CandidateEvaluator.__call__
+    monkeypatch.setattr(evaluation.CandidateEvaluator, "__call__",
+                        lambda self, policy: scored.append(policy) or real(self, policy))
+    r = search(SearchConfig(weights=str(trained_yolov8n), data=str(small_airbus), agent="uniform", episodes=3,
+                            seed=0, **SMALL), progress=False)
+    assert len(scored) == 2 and len(r.candidates) == 3
+    kids = {int(k.data.tags["episode"]): k.data.metrics for k in _children(os.environ["MLFLOW_TRACKING_URI"],
+                                                                         r.run_id)}
+    assert sorted(kids) == [0, 1, 2]
+    assert kids[2]["repeat_of"] == 0 and kids[2]["eval_seconds"] == 0 and kids[0]["eval_seconds"] > 0
+    assert kids[2]["map50"] == kids[0]["map50"] and kids[2]["reward"] == kids[0]["reward"]
+    assert "repeat_of" not in kids[0] and "repeat_of" not in kids[1]
+    assert MlflowClient().get_run(r.run_id).data.metrics["eval_ratio"] > 0

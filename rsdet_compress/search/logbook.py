@@ -58,7 +58,7 @@ def candidate_record(cand, group_sizes: dict[str, int], stage: str = "") -> dict
                "flops": cand.cost.flops, "bops": cand.cost.bops, "compression_ratio": cand.ratios["size"],
                "bops_ratio": cand.ratios["bops"], "flops_ratio": cand.ratios["flops"],
                "eval_seconds": cand.metrics.get("eval_seconds", cand.seconds),
-               **{k: cand.metrics[k] for k in ("recover_seconds", "output_error") if k in cand.metrics},
+               **{k: cand.metrics[k] for k in ("recover_seconds", "output_error", "repeat_of") if k in cand.metrics},
                **({"latency_ms": cand.cost.latency_ms, "latency_ratio": cand.ratios["latency"]}
                   if "latency" in cand.ratios else {}),
                **{f"usage.{k}": v for k, v in cand.usage.items()}}

@@ -31,6 +31,7 @@ from rsdet_compress.search.env import CompressEnv, EnvConfig
 from rsdet_compress.search.evaluation import RECOVERY, build_evaluator
 from rsdet_compress.search.latency_cost import LatencyCost
 from rsdet_compress.search.logbook import Logbook, candidate_record
+from rsdet_compress.search.memo import ScoreMemo
 from rsdet_compress.search.report import plot_searches, summary_row
 from rsdet_compress.search.rewards import get_reward
 from rsdet_compress.search.searchers import SEARCHERS, make_searcher
@@ -223,13 +224,14 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     t0 = time.perf_counter() - wall0
     best = state["best"] if state is not None else None  # carries the policy, unlike the summary records
     pool = evaluator_pool(cfg, evaluator)
+    memo = ScoreMemo(state.get("memo") if state is not None else None)
     episode = start
     while episode < cfg.episodes:
         end = searcher.batch_end(episode, cfg.workers, cfg.episodes)
         proposals = [searcher.propose(e) for e in range(episode, end)]
-        for prop, metrics in zip(proposals, pool.map([p.policy for p in proposals])):
+        for prop, metrics in zip(proposals, memo.score(proposals, pool.map)):
             cand = searcher.observe(prop, metrics)
-            if pool.remote:  # the in-process evaluator keeps its own times
+            if pool.remote and "repeat_of" not in metrics:  # the in-process evaluator keeps its own times
                 evaluator.seconds.append(float(metrics.get("eval_seconds", cand.seconds)))
             stage = searcher.stage(prop.episode) if hasattr(searcher, "stage") else cfg.agent
             rec = candidate_record(cand, group_sizes, stage)
@@ -253,7 +255,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         save_state(out_dir / "state.pt", {
             "config": asdict(cfg), "searcher": searcher.state_dict(), "pending": book.pending,
             "records": records, "best": best, "next_episode": episode, "wall_seconds": time.perf_counter() - t0,
-            "eval_seconds": list(evaluator.seconds)})
+            "eval_seconds": list(evaluator.seconds), "memo": memo.state_dict()})
     pool.close()
     bar.close()
     wall = time.perf_counter() - t0

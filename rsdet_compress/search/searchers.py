@@ -275,6 +275,7 @@ def make_searcher(name: str, make_env: EnvFactory, episodes: int, seed: int, env
     if name not in SEARCHERS:
         raise UserError(f"unknown agent {name!r}; choose one of {', '.join(SEARCHERS)}")
     if name == "uniform" and episodes > len(UniformSearcher.LADDER):
-        raise UserError(f"agent 'uniform' has {len(UniformSearcher.LADDER)} candidates; use --episodes <= 6")
+        n = len(UniformSearcher.LADDER)
+        raise UserError(f"agent 'uniform' has {n} candidates; use --episodes <= {n}")
     options = {"uniform_start": uniform_start} if SEARCHERS[name] is AgentSearcher else {}
     return SEARCHERS[name](name, make_env, episodes, seed, env_cfg, **options)
