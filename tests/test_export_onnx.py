@@ -244,3 +244,30 @@ def test_evaluator_scores_onnx_like_pytorch(float_onnx, trained_yolov8n, small_a
     a = ev(load_detector(trained_yolov8n)[0])
     b = ev(load_model(float_onnx)[0])
     assert np.isclose(a["map50"], b["map50"], atol=ONNX_TOLERANCE)
+
+
+def test_skynet_reorg_is_space_to_depth_for_onnxruntime_and_a_transpose_for_openvino(chips, tmp_path):
+    """SkyNet's reorg, part of its channels pruned: onnxruntime gets SpaceToDepth + one channel Gather (its
+    6-D Transpose is slow there), OpenVINO keeps pixel_unshuffle's Transpose; both compute PyTorch's output."""
+    from rsdet_compress.detectors.factory import create_detector
+    from rsdet_compress.export.onnx import export_module
+    torch.manual_seed(0)
+    weights = save_detector(create_detector("skynet", 2, names=["Airplane", "Truncated_airplane"]),
+                            tmp_path / "skynet.pt", {"imgsz": 160})
+    view = Workspace.from_weights(weights).view
+    keep = [i for i in range(768) if i % 3] + list(range(768, 1280))  # the reorg's channels come first
+    policy = Policy(detector="skynet", imgsz=160, groups={"model.7.pw": {"keep_idx": keep}},
+                    layers={n: {"weight_bits": 8, "act_bits": 32} for n in view.quantizable})
+    model, meta = load_detector(compress(weights, policy, tmp_path / "c.pt")["out"])
+    ort_path = export_module(model, meta, tmp_path / "ort.onnx", 160)
+    ops = Counter(n.op_type for n in onnx.load(str(ort_path)).graph.node if "model.8" in n.name)
+    assert ops["SpaceToDepth"] == 1 and ops["Transpose"] == 0
+    with torch.no_grad():
+        ref = model(chips[:2])[0]
+    _compare(ref, load_model(ort_path)[0](chips[:2]))
+    ov = pytest.importorskip("openvino")
+    from rsdet_compress.export.openvino import export_openvino
+    ir = export_openvino(model, meta, tmp_path / "ov.xml", 160)
+    ov_ops = Counter(op.get_type_name() for op in ov.Core().read_model(str(ir)).get_ordered_ops())
+    assert ov_ops["SpaceToDepth"] == 0 and ov_ops["Transpose"] >= 1
+    _compare(ref, load_model(ir)[0](chips[:2]))

@@ -129,7 +129,7 @@ def export_openvino(model: nn.Module, meta: dict, out: str | Path, imgsz: int, c
         onnx_path = Path(tmp) / "model.onnx"
         # NNCF quantizes the float graph; onnxruntime keeps our activation QDQ and adds the rest
         export_module(model, meta, onnx_path, imgsz, opset=opset, act_qdq=not int8 or quantizer == "onnxruntime",
-                      source=source, decode=decode)
+                      source=source, decode=decode, space_to_depth=False)
         if int8 and quantizer == "onnxruntime":
             quantize_int8(onnx_path, Path(tmp) / "int8.onnx", [torch.from_numpy(x) for x in images],
                           full_range_weights=full_range_weights, op_types=OV_ORT_OP_TYPES)
