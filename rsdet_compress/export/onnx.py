@@ -125,12 +125,12 @@ class _SpaceToDepth(torch.autograd.Function):
         return g.op("SpaceToDepth", x, blocksize_i=s)
 
 
-def _reorg_space_to_depth(self: Reorg, x: torch.Tensor) -> torch.Tensor:
+def space_to_depth_reorg(self: Reorg, x: torch.Tensor) -> torch.Tensor:
     """``Reorg.forward`` as SpaceToDepth + one channel Gather (pixel_unshuffle's channel c*s*s+k is k*C+c).
 
-    onnxruntime runs pixel_unshuffle's 6-D Transpose element by element: SkyNet at 416 px, fp32
-    50 -> 40 ms and int8 39 -> 33 ms this way; OpenVINO runs the Transpose well and the Gather
-    slower, so its export keeps the Transpose.
+    onnxruntime runs pixel_unshuffle's 6-D Transpose element by element: SkyNet at 416 px runs 0.68-0.92x
+    the time this way (benchmarks/results/reorg_export_airbus_skynet.md). On OpenVINO the pair is not
+    faster everywhere (NNCF int8 of the float SkyNet: 1.22x the time), so its export keeps the Transpose.
     """
     s = self.stride
     return _SpaceToDepth.apply(x, s).index_select(1, (self.keep % (s * s)) * x.shape[1] + self.keep // (s * s))
@@ -157,7 +157,7 @@ def exportable(model: nn.Module, act_qdq: bool = True, decode: str = "graph",
     :class:`ActQDQ` when their activation quantizer is on and calibrated (and
     ``act_qdq``); Detect heads build their anchor grid from the input shape, or with
     ``decode="host"`` stop at their convs (:mod:`rsdet_compress.runtime.decode`); SkyNet's reorg
-    becomes SpaceToDepth when ``space_to_depth`` (for onnxruntime, see :func:`_reorg_space_to_depth`).
+    becomes SpaceToDepth when ``space_to_depth`` (for onnxruntime, see :func:`space_to_depth_reorg`).
     """
     if decode not in DECODES:
         raise UserError(f"unknown --decode {decode!r}; choose one of: {', '.join(DECODES)}")
@@ -173,7 +173,7 @@ def exportable(model: nn.Module, act_qdq: bool = True, decode: str = "graph",
         setattr(parent, leaf, conv)
     for m in model.modules():
         if isinstance(m, Reorg) and space_to_depth:
-            m.forward = types.MethodType(_reorg_space_to_depth, m)
+            m.forward = types.MethodType(space_to_depth_reorg, m)
         if isinstance(m, Concat):  # a zero-channel input (all of SkyNet's reorg pruned) breaks OpenVINO's reader
             m.forward = types.MethodType(_cat_nonempty, m)
         if _is_head(m):
