@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def main() -> None:
               "p90_ms": by_file[str(p)].p90_ms} for m, form, kind, p in files if str(p) in by_file]
     lines = ["# SkyNet's reorg in the exported graph, batch 1\n",
              f"{cpu_label()}; load average at start {load[0]:.2f}; {args.runs} runs per row in {args.rounds} "
-             "interleaved passes.\n", "Command: `python benchmarks/reorg_export.py " + " ".join(sys.argv[1:]) + "`\n",
+             "interleaved passes.\n", "Command: `python benchmarks/reorg_export.py " + shlex.join(sys.argv[1:]) + "`\n",
              "| model | file | Transpose ms (p90) | SpaceToDepth + Gather ms (p90) | ratio |", "|---|---|---|---|---|"]
     for m, kind in dict.fromkeys((t["model"], t["file"]) for t in table):
         a, b = (next(t for t in table if (t["model"], t["file"], t["form"]) == (m, kind, f)) for f in FORMS)
