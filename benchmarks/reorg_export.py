@@ -58,7 +58,7 @@ def _with_form(model, s2d: bool):
     import types
 
     from rsdet_compress.detectors.skynet import Reorg
-    from rsdet_compress.export.onnx import space_to_depth_reorg
+    from rsdet_compress.export.graph_forms import space_to_depth_reorg
     model = copy.deepcopy(model)
     for m in model.modules():
         if isinstance(m, Reorg) and s2d:

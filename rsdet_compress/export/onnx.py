@@ -43,12 +43,11 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
-from ultralytics.nn.modules import Concat
 
 from rsdet_compress.atomic import atomic_path
 from rsdet_compress.compress.quant import FLOAT_BITS, ActQuantizer, QConv2d, fake_quant_weight
-from rsdet_compress.detectors.skynet import Reorg
 from rsdet_compress.errors import UserError
+from rsdet_compress.export.graph_forms import for_export
 from rsdet_compress.runtime.checkpoint import load_detector
 from rsdet_compress.runtime.decode import DECODES, decode_meta
 from rsdet_compress.runtime.onnx_meta import FORMAT, META_KEY, VERSION, read_meta
@@ -112,35 +111,6 @@ def _raw_head_output(head: nn.Module, x: dict) -> torch.Tensor:
     return torch.cat((x["boxes"], x["scores"]), 1)
 
 
-class _SpaceToDepth(torch.autograd.Function):
-    """ONNX ``SpaceToDepth`` (blocks-first channel order: block offset outer, channel inner)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, s: int) -> torch.Tensor:
-        n, c, h, w = x.shape
-        return x.reshape(n, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4).reshape(n, c * s * s, h // s, w // s)
-
-    @staticmethod
-    def symbolic(g, x, s: int):
-        return g.op("SpaceToDepth", x, blocksize_i=s)
-
-
-def space_to_depth_reorg(self: Reorg, x: torch.Tensor) -> torch.Tensor:
-    """``Reorg.forward`` as SpaceToDepth + one channel Gather (pixel_unshuffle's channel c*s*s+k is k*C+c).
-
-    onnxruntime runs pixel_unshuffle's 6-D Transpose element by element: SkyNet at 416 px runs 0.68-0.92x
-    the time this way (benchmarks/results/reorg_export_airbus_skynet.md). On OpenVINO the pair is not
-    faster everywhere (NNCF int8 of the float SkyNet: 1.22x the time), so its export keeps the Transpose.
-    """
-    s = self.stride
-    return _SpaceToDepth.apply(x, s).index_select(1, (self.keep % (s * s)) * x.shape[1] + self.keep // (s * s))
-
-
-def _cat_nonempty(self: nn.Module, x: list[torch.Tensor]) -> torch.Tensor:
-    """``Concat.forward`` without the inputs a policy pruned to no channels: they leave the graph."""
-    return torch.cat([t for t in x if t.shape[self.d]], self.d)
-
-
 def detect_head(model: nn.Module) -> nn.Module:
     """The model's ultralytics Detect head (the last, if several)."""
     heads = [m for m in model.modules() if _is_head(m)]
@@ -157,7 +127,7 @@ def exportable(model: nn.Module, act_qdq: bool = True, decode: str = "graph",
     :class:`ActQDQ` when their activation quantizer is on and calibrated (and
     ``act_qdq``); Detect heads build their anchor grid from the input shape, or with
     ``decode="host"`` stop at their convs (:mod:`rsdet_compress.runtime.decode`); SkyNet's reorg
-    becomes SpaceToDepth when ``space_to_depth`` (for onnxruntime, see :func:`space_to_depth_reorg`).
+    becomes SpaceToDepth when ``space_to_depth`` (for onnxruntime; :mod:`.graph_forms`).
     """
     if decode not in DECODES:
         raise UserError(f"unknown --decode {decode!r}; choose one of: {', '.join(DECODES)}")
@@ -172,10 +142,7 @@ def exportable(model: nn.Module, act_qdq: bool = True, decode: str = "graph",
             conv = nn.Sequential(ActQDQ(aq), conv)
         setattr(parent, leaf, conv)
     for m in model.modules():
-        if isinstance(m, Reorg) and space_to_depth:
-            m.forward = types.MethodType(space_to_depth_reorg, m)
-        if isinstance(m, Concat):  # a zero-channel input (all of SkyNet's reorg pruned) breaks OpenVINO's reader
-            m.forward = types.MethodType(_cat_nonempty, m)
+        for_export(m, space_to_depth)
         if _is_head(m):
             m.dynamic = True
             if decode == "host":
