@@ -44,26 +44,11 @@ def exports(name: str, weights: Path, work: Path, calib: list[torch.Tensor]) -> 
         fp32 = export_module(model, meta, stem.with_suffix(".onnx"), imgsz, act_qdq=False, space_to_depth=s2d)
         out += [(name, form, "onnx fp32", fp32),
                 (name, form, "onnx int8", quantize_int8(fp32, stem.with_suffix(".int8.onnx"), calib))]
-        # the OpenVINO exporter writes its own graph form; here both forms go through it to compare
-        ir_model = _with_form(model, s2d)
-        out += [(name, form, "openvino fp32", export_openvino(ir_model, meta, stem.with_suffix(".xml"), imgsz)),
-                (name, form, "openvino int8 (NNCF)",
-                 export_openvino(ir_model, meta, stem.with_suffix(".int8.xml"), imgsz, calib_batches=calib))]
+        out += [(name, form, "openvino fp32",
+                 export_openvino(model, meta, stem.with_suffix(".xml"), imgsz, space_to_depth=s2d)),
+                (name, form, "openvino int8 (NNCF)", export_openvino(model, meta, stem.with_suffix(".int8.xml"), imgsz,
+                                                                     calib_batches=calib, space_to_depth=s2d))]
     return out
-
-
-def _with_form(model, s2d: bool):
-    """``model`` whose reorgs export as SpaceToDepth even where the exporter would keep the Transpose."""
-    import copy
-    import types
-
-    from rsdet_compress.detectors.skynet import Reorg
-    from rsdet_compress.export.graph_forms import space_to_depth_reorg
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, Reorg) and s2d:
-            m.forward = types.MethodType(space_to_depth_reorg, m)
-    return model
 
 
 def main() -> None:

@@ -106,13 +106,14 @@ def _nncf_int8(ov_model, proto: onnx.ModelProto, images: list, full_range_weight
 
 def export_openvino(model: nn.Module, meta: dict, out: str | Path, imgsz: int, calib_batches: Iterable | None = None,
                     opset: int = DEFAULT_OPSET, source: str = "", full_range_weights: bool = FULL_RANGE_WEIGHTS,
-                    decode: str = "graph", quantizer: str = "nncf") -> Path:
+                    decode: str = "graph", quantizer: str = "nncf", space_to_depth: bool = False) -> Path:
     """Export an in-memory detector to the OpenVINO IR ``out`` (.xml); int8 when ``calib_batches`` is given.
 
     ``calib_batches``: float image batches (B, 3, H, W, 0..1) of training chips, all used.
     ``quantizer`` (:data:`OV_QUANTIZERS`): ``nncf`` gets them one image at a time (its
     ``subset_size`` counts dataset items; batched items would count batches as images);
     ``onnxruntime`` calibrates :func:`quantize_int8` with them and converts its QDQ graph.
+    ``space_to_depth`` off: OpenVINO runs SkyNet's reorg as a Transpose no slower (export.graph_forms).
     """
     ov = require_openvino()
     if quantizer not in OV_QUANTIZERS:
@@ -129,7 +130,7 @@ def export_openvino(model: nn.Module, meta: dict, out: str | Path, imgsz: int, c
         onnx_path = Path(tmp) / "model.onnx"
         # NNCF quantizes the float graph; onnxruntime keeps our activation QDQ and adds the rest
         export_module(model, meta, onnx_path, imgsz, opset=opset, act_qdq=not int8 or quantizer == "onnxruntime",
-                      source=source, decode=decode, space_to_depth=False)
+                      source=source, decode=decode, space_to_depth=space_to_depth)
         if int8 and quantizer == "onnxruntime":
             quantize_int8(onnx_path, Path(tmp) / "int8.onnx", [torch.from_numpy(x) for x in images],
                           full_range_weights=full_range_weights, op_types=OV_ORT_OP_TYPES)
