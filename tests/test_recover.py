@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from rsdet_compress.cli.main import main
+from rsdet_compress.compress import reconstruct as reconstruct_mod
 from rsdet_compress.compress.compensate import refit
 from rsdet_compress.compress.compressor import Workspace, compress
+from rsdet_compress.compress.fit_budget import FitBudget
 from rsdet_compress.compress.policy import Policy, fingerprint
+from rsdet_compress.compress.units import build_units
 from rsdet_compress.engine.finetune import structure
 from rsdet_compress.engine.scorer import evaluate
 from rsdet_compress.runtime.checkpoint import load_detector
@@ -132,6 +135,38 @@ def test_least_squares_refit_absorbs_a_pruned_redundant_channel():
         pruned.bias.copy_(b)
         after = float(((pruned(x) - y) ** 2).mean())
     assert before > 0.01 and after < 1e-3 * before
+
+
+def test_a_budget_goes_to_the_units_by_their_step_cost():
+    """A detector's first units cost many times a late one per step: an even split would starve them."""
+    b = FitBudget(100.0, [3.0, 1.0, 0.0, 1.0], start=0.0)
+    assert b.deadline(0, unit_start=0.0, now=0.0) == pytest.approx(60.0)  # 3 of the 5 step-seconds
+    b.done(0, seconds=60.0, fitting=50.0)  # 10 s outside its steps: 10/3 s per step-second
+    # unit 1 starts its steps at 62 s (2 s of its own outside work): the last unit's outside work is reserved
+    rate = 12.0 / 4.0
+    assert b.deadline(1, unit_start=60.0, now=62.0) == pytest.approx(62.0 + (100 - 62 - rate * 1.0) / 2)
+    early = FitBudget(100.0, [1.0, 1.0], start=0.0)
+    early.done(0, seconds=10.0, fitting=10.0)  # the first unit finished its steps early
+    assert early.deadline(1, unit_start=10.0, now=10.0) == pytest.approx(100.0)  # the rest goes to the next
+
+
+def test_a_fit_that_makes_a_unit_worse_is_undone(trained_yolov8n, compressed, monkeypatch):
+    ws = Workspace.from_weights(trained_yolov8n)
+    model, _ = load_detector(compressed)
+    units = build_units(ws.view.model, model, ws.view, model.policy)[:3]
+    inputs = {n: t.clone() for n, t in model.state_dict().items()}
+
+    def corrupt(float_module, compressed_module, *args):  # a re-fit that scales every weight up tenfold
+        for m in compressed_module.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.data.mul_(10)
+        return {}
+    monkeypatch.setattr(reconstruct_mod, "compensate", corrupt)
+    images = torch.rand(16, 3, ws.view.imgsz, ws.view.imgsz, generator=torch.Generator().manual_seed(0))
+    rows = reconstruct_mod.reconstruct(units, images, reconstruct_mod.ReconstructConfig(iters=0, probe_images=16))
+    assert [r["kept_input"] for r in rows] == [True] * 3
+    assert all(r["error_after"] == r["error_before"] for r in rows)
+    assert all(torch.equal(t, inputs[n]) for n, t in model.state_dict().items())
 
 
 def test_half_cache_fits_like_the_fp32_cache_in_half_the_memory(compressed, small_airbus, tmp_path, capsys):

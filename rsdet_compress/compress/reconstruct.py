@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from rsdet_compress.compress.compensate import compensate
+from rsdet_compress.compress.fit_budget import FitBudget
 from rsdet_compress.compress.quant import ActQuantizer, QConv2d, clip_weight_ranges
 from rsdet_compress.compress.units import Unit, select
 
@@ -255,6 +256,35 @@ def _fit_weights(unit: Unit, units: list[Unit], cstore: dict[int, Tensor], fstor
     return steps
 
 
+def step_seconds(units: list[Unit], images: Tensor, repeats: int = 3) -> list[float]:
+    """Seconds of one fitting step (forward and backward) of each unit on ``images``; 0 where nothing trains.
+
+    A wall-clock budget is shared out by these: a detector's first units run on full-resolution maps and
+    cost many times a late unit per step, so an even split would cut them short while the last units
+    finish early and leave their time unused. One pass of the compressed model over one batch.
+    """
+    store: dict[int, Tensor] = {-1: images.float()}
+    costs = []
+    for u in units:
+        u.compressed.eval()
+        params = [p for p in u.compressed.parameters() if p.requires_grad]
+        x = _inputs(store, u.source, u.index, slice(None))
+        times = []
+        for _ in range(repeats if params else 1):  # the fastest of a few: the first pays for allocations
+            t0 = time.monotonic()
+            with torch.set_grad_enabled(bool(params)):
+                out = u.compressed(x)
+                if params:
+                    sum(t.float().square().mean() for t in _flat(out)).backward()
+                    for p in params:
+                        p.grad = None
+            times.append(time.monotonic() - t0)
+        costs.append(max(min(times), 1e-6) if params else 0.0)
+        if not u.head:
+            store[u.index] = out.detach()
+    return costs
+
+
 def activation_bytes(units: list[Unit], imgsz: int, n: int, dtype: torch.dtype = torch.float16) -> int:
     """Peak bytes of the activations :func:`reconstruct` keeps for ``n`` images (both models, in ``dtype``).
 
@@ -286,8 +316,10 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
 
     Returns one row per unit: ``layer``, ``error_before`` / ``error_after`` (relative squared
     error of its output against the float target, on its own inputs), ``steps``,
-    ``ranges_shrunk``, ``seconds``. ``budget_seconds`` spreads a wall-clock budget evenly over
-    the units still to fit (those with parameters: an upsample or concat takes no share).
+    ``ranges_shrunk``, ``weights_clipped``, ``kept_input``, ``seconds``. A unit whose fit ends with a
+    larger error than it started with keeps its input weights (``kept_input``). ``budget_seconds``
+    caps the wall-clock time, shared out over the units by their :func:`step_seconds`
+    (:class:`FitBudget`; an upsample or concat takes none).
     ``progress`` is called with each row.
     """
     n = len(images)
@@ -299,8 +331,9 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
     start = time.monotonic()
     modes = {m: m.training for u in units for m in (u.float, u.compressed)}
     rows: list[dict] = []
-    trainable = [any(p.requires_grad for p in u.compressed.parameters()) for u in units]
     try:
+        budget = None if budget_seconds is None else FitBudget(budget_seconds, step_seconds(units, images[:cfg.batch]),
+                                                             start)
         for pos, u in enumerate(units):
             u.float.eval()
             u.compressed.eval()
@@ -311,7 +344,9 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
             before = _unit_error(u, cstore.data, target, probe)
             steps = shrunk = clipped = 0
             fit = before > 1e-10 and any(True for _ in u.compressed.parameters())
+            start_state = {k: v.clone() for k, v in u.compressed.state_dict().items()} if fit else {}
             refitted: dict[nn.Conv2d, int] = {}
+            fitting = 0.0
             if fit and cfg.least_squares:
                 refitted = compensate(u.float, u.compressed, _inputs(fstore.data, u.source, u.index, probe),
                                       _inputs(cstore.data, u.source, u.index, probe), u.name, u.module_maps,
@@ -321,18 +356,23 @@ def reconstruct(units: list[Unit], images: Tensor, cfg: ReconstructConfig, budge
                     clip_weight_ranges(m, cfg.weight_clip_factors) for m in u.compressed.modules()
                     if isinstance(m, QConv2d) and m.weight.requires_grad and m not in refitted)
                 shrunk = _fit_ranges(u, cstore.data, probe, cfg.range_factors, gen)
-                deadline = None
-                if budget_seconds is not None:
-                    left = sum(trainable[pos:])
-                    deadline = t0 + max(0.0, budget_seconds - (t0 - start)) / max(left, 1)
+                t1 = time.monotonic()
+                deadline = budget.deadline(pos, t0, t1) if budget else None
                 steps = _fit_weights(u, units, cstore.data, fstore.data, target, n, cfg, gen, deadline)
+                fitting = time.monotonic() - t1
             after = _unit_error(u, cstore.data, target, probe) if fit else before
+            kept_input = after > before  # the fit made the unit worse on the probe chips: undo it
+            if kept_input:
+                u.compressed.load_state_dict(start_state)
             if not u.head:
                 cout = _run(u.compressed, cstore.data, u, n, chunk, cfg.cache_dtype)
                 fstore.put(u.index, fout if u.index in needed else None)
                 cstore.put(u.index, cout if u.index in needed else None)
-            row = {"layer": u.name, "error_before": before, "error_after": after, "steps": steps,
-                   "ranges_shrunk": shrunk, "weights_clipped": clipped, "seconds": round(time.monotonic() - t0, 2)}
+            row = {"layer": u.name, "error_before": before, "error_after": min(after, before), "steps": steps,
+                   "ranges_shrunk": shrunk, "weights_clipped": clipped, "kept_input": kept_input,
+                   "seconds": round(time.monotonic() - t0, 2)}
+            if budget:
+                budget.done(pos, row["seconds"], fitting)
             rows.append(row)
             if progress is not None:
                 progress(row)
