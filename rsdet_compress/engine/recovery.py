@@ -49,7 +49,7 @@ class RecoverConfig(ReconstructConfig):
     data: str = ""
     #: training chips to fit on, drawn at random (seeded); all of them are held in memory with their activations.
     images: int = 256
-    #: wall-clock budget in minutes, spread evenly over the layers still to fit (None: every layer gets ``iters``).
+    #: wall-clock budget in minutes, shared out over the layers by their step cost (None: every layer gets ``iters``).
     budget_minutes: float | None = None
     #: output checkpoint; default ``<weights stem>.recovered.pt`` beside the input.
     out: str | None = None
