@@ -256,7 +256,7 @@ def _fit_weights(unit: Unit, units: list[Unit], cstore: dict[int, Tensor], fstor
     return steps
 
 
-def step_seconds(units: list[Unit], images: Tensor, repeats: int = 3) -> list[float]:
+def step_seconds(units: list[Unit], images: Tensor, repeats: int = 2) -> list[float]:
     """Seconds of one fitting step (forward and backward) of each unit on ``images``; 0 where nothing trains.
 
     A wall-clock budget is shared out by these: a detector's first units run on full-resolution maps and
@@ -269,8 +269,11 @@ def step_seconds(units: list[Unit], images: Tensor, repeats: int = 3) -> list[fl
         u.compressed.eval()
         params = [p for p in u.compressed.parameters() if p.requires_grad]
         x = _inputs(store, u.source, u.index, slice(None))
+        if params:  # untimed, on one image: allocations; and a head re-makes the anchors it caches per input
+            with torch.no_grad():  # shape, which an inference-mode evaluation may have left unusable for autograd
+                u.compressed(_inputs(store, u.source, u.index, slice(0, 1)))
         times = []
-        for _ in range(repeats if params else 1):  # the fastest of a few: the first pays for allocations
+        for _ in range(repeats if params else 1):  # the fastest of a few
             t0 = time.monotonic()
             with torch.set_grad_enabled(bool(params)):
                 out = u.compressed(x)
