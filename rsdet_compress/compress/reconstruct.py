@@ -261,7 +261,7 @@ def step_seconds(units: list[Unit], images: Tensor, repeats: int = 2) -> list[fl
 
     A wall-clock budget is shared out by these: a detector's first units run on full-resolution maps and
     cost many times a late unit per step, so an even split would cut them short while the last units
-    finish early and leave their time unused. One pass of the compressed model over one batch.
+    finish early and leave their time unused. A few passes of the compressed model over one batch.
     """
     store: dict[int, Tensor] = {-1: images.float()}
     costs = []
