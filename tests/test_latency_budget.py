@@ -9,6 +9,9 @@ import pytest
 from rsdet_compress import machine
 from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.policy import Policy
+from rsdet_compress.compress.view import CompressibleView
+from rsdet_compress.detectors.factory import create_detector
+from rsdet_compress.detectors.registry import list_detectors
 from rsdet_compress.errors import UserError
 from rsdet_compress.runtime import latency_table
 from rsdet_compress.runtime.latency_table import ConvShape, LatencyTable
@@ -104,6 +107,36 @@ def test_prediction_reproduces_its_anchors_and_int8_pays_its_own_rest(trained_yo
     # noisy anchors (the half model slower than the float one) never give a negative term
     noisy = LatencyCost(view, table, {**anchors, "fp32_half": anchors["fp32"] * 2}, half)
     assert min(vars(noisy.fits[False]).values()) >= 0 and noisy(view, half).latency_ms > 0
+
+
+@pytest.mark.parametrize("detector", list_detectors())
+def test_a_branch_costs_the_same_until_the_policy_drops_it_whole(detector, tmp_path):
+    """SkyNet's reorg bypass: OpenVINO transposes the whole space-to-depth map whatever channels the concat keeps,
+    so only dropping it whole saves its time. The model without it, timed, sets that time; every anchor is
+    still predicted as measured."""
+    view = CompressibleView(create_detector(detector, 2), imgsz=64)
+    branches, nobranch = lc.droppable_branches(view), lc.without_branches(view)
+    if detector != "skynet":
+        assert branches == {} and nobranch is None
+        return
+    assert branches == {"model.8": ("model.7.pw", frozenset(range(768)))}  # reorg: the concat's first 768
+    assert nobranch.groups == {"model.7.pw": {"keep_idx": list(range(768, 1280))}}
+    table = MacsTable(path=tmp_path / "t.json")
+    half = Policy(detector=view.detector, imgsz=view.imgsz,
+                  groups={g: {"keep_idx": list(range(0, view.groups[g].size, 2))} for g in view.groups})
+    probe = LatencyCost(view, table, {"fp32": 40.0, "fp32_half": 25.0}, half)
+    anchors = {"fp32": 40.0, "fp32_half": 25.0, "fp32_nobranch": probe(view, nobranch).latency_ms - 6.0}
+    cost = LatencyCost(view, table, anchors, half, nobranch)
+    assert cost.branch_ms[False] == pytest.approx(6.0, rel=0.05)
+    for name, pol in (("fp32", None), ("fp32_half", half), ("fp32_nobranch", nobranch)):
+        assert cost(view, pol).latency_ms == pytest.approx(anchors[name], rel=1e-3), name
+    keep = list(range(768, 1280))
+    one = Policy(detector=view.detector, imgsz=view.imgsz, groups={"model.7.pw": {"keep_idx": [0, *keep]}})
+    # one reorg channel kept: a few activations more than without the branch, and the branch's whole time
+    assert cost(view, one).latency_ms - cost(view, nobranch).latency_ms > 6.0
+    assert cost(view, one).per_layer["model.7.pw"]["latency_ms"] > cost(view, nobranch).per_layer[
+        "model.7.pw"]["latency_ms"] + 6.0
+    assert probe(view, one).latency_ms - probe(view, nobranch).latency_ms < 1.0  # by activations alone: free
 
 
 def test_fit_takes_the_first_split_of_the_rest_that_leaves_no_term_negative():

@@ -96,8 +96,8 @@ def _protected_modules(model: nn.Module, extra: list[str]) -> set[nn.Module]:
     first: list[nn.Module] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: first.append(mod) if args[0] is image else None)
              for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.inference_mode():
+    try:  # not inference mode: see probe
+        with torch.no_grad():
             model(image)
     finally:
         for h in hooks:
@@ -120,8 +120,8 @@ def _conv_kind(conv: nn.Conv2d) -> str:
 
 def probe(model: nn.Module, hooks: list, imgsz: int = 64) -> None:
     """One no-grad forward of a blank ``imgsz`` image through ``model``; ``hooks`` (handles) removed after."""
-    try:
-        with torch.inference_mode():
+    try:  # not inference mode: the head caches anchors at this size, which a traced forward must be able to use
+        with torch.no_grad():
             model(torch.zeros(1, 3, imgsz, imgsz, device=next(model.parameters()).device))
     finally:
         for h in hooks:

@@ -12,15 +12,20 @@ filled. A policy's latency is the sum, over its kept convs, of
   share of the float model's activation volume (channels x output pixels);
 
 plus the work that does not shrink with the channels (box decoding, the runtime's per-call
-work): ``const_ms``, mixed between fp32 and int8 by the share of activations in int8.
+work): ``const_ms``, mixed between fp32 and int8 by the share of activations in int8;
+plus, for each parameter-free branch the policy keeps (:func:`droppable_branches`: SkyNet's reorg
+bypass), ``branch_ms`` of its group's precision. Such a branch costs about the same whether it keeps
+a few channels or all (OpenVINO transposes the whole space-to-depth map, then gathers), so only a
+policy that drops it whole saves that time; charged by activation volume it would look free.
 
 The three numbers per precision come from whole models timed on the runtime, the anchors
 (:func:`measure_anchors`): the float model and its half-width twin (every group at
 :data:`ANCHOR_KEEP`, kept x8), each exported fp32 and int8, fitted by :func:`fit_precision`
-(two anchors, three numbers: one is held, see there). So the prediction of every anchor is
-its measured latency where the timings are consistent, int8 graphs pay their own non-conv
-costs (a constant float rest under-predicted the int8 YOLOv8n by 20-55% on onnxruntime),
-and pruning shrinks the elementwise work with the channels.
+(two anchors, three numbers: one is held, see there); a detector with droppable branches adds the
+float model without them (``_nobranch``), whose measured latency sets ``branch_ms``. So the
+prediction of every anchor is its measured latency where the timings are consistent, int8
+graphs pay their own non-conv costs (a constant float rest under-predicted the int8 YOLOv8n
+by 20-55% on onnxruntime), and pruning shrinks the elementwise work with the channels.
 With only the fp32 float model timed (``anchors={"fp32": ms}``) the rest is one constant for
 every policy. A ``latency=0.33`` budget is then a third of the float model's measured latency,
 and the search ranks policies by what they cost on this machine's runtime instead of by FLOPs.
@@ -40,6 +45,7 @@ from torch import nn
 from rsdet_compress.compress.baselines import magnitude_pruning
 from rsdet_compress.compress.cost import Cost, estimate
 from rsdet_compress.compress.policy import Policy
+from rsdet_compress.compress.pruners import CUSTOM_PRUNERS
 from rsdet_compress.compress.quant import FLOAT_BITS
 from rsdet_compress.compress.rounding import round_policy
 from rsdet_compress.engine.latency import summarize, time_fn
@@ -66,8 +72,36 @@ def layer_shapes(view, cost: Cost) -> dict[str, ConvShape]:
 #: width of the second anchor model: far enough from the float model to separate the rest's constant
 #: part from its activation-proportional part, and inside the range a latency budget drives a search to
 ANCHOR_KEEP = 0.5
-#: anchor names: precision, and ``_half`` for the half-width model
-ANCHORS = ("fp32", "int8", "fp32_half", "int8_half")
+#: anchor names: precision, and ``_half`` for the half-width model, ``_nobranch`` for the float model
+#: without its droppable branches (only measured where the detector has some)
+ANCHORS = ("fp32", "int8", "fp32_half", "int8_half", "fp32_nobranch", "int8_nobranch")
+
+
+def droppable_branches(view) -> dict[str, tuple[str, frozenset[int]]]:
+    """Parameter-free modules whose output channels a policy prunes (SkyNet's reorg, through its concat).
+
+    ``{module: (channel group, the group's channels it carries)}``: keeping none of those channels
+    removes the module from the deployed graph.
+    """
+    out = {}
+    for group in view.groups.values():
+        for mod, handler, pairs in group.plan:
+            if mod in view.layers or not view.graph.is_out_channel_pruning_fn(handler):
+                continue
+            if type(view.model.get_submodule(mod)) in CUSTOM_PRUNERS:
+                out[mod] = (group.name, frozenset(r for _, r in pairs))
+    return out
+
+
+def without_branches(view) -> Policy | None:
+    """The float structure with every :func:`droppable_branches` removed (None: the detector has none)."""
+    groups: dict[str, set[int]] = {}
+    for group, channels in droppable_branches(view).values():
+        groups.setdefault(group, set(range(view.groups[group].size))).difference_update(channels)
+    if not groups:
+        return None
+    return Policy(detector=view.detector, imgsz=view.imgsz,
+                  groups={g: {"keep_idx": sorted(keep)} for g, keep in groups.items()})
 
 
 def activation_volume(view, cost: Cost) -> dict[str, float]:
@@ -96,9 +130,11 @@ def measure_model_ms(model: nn.Module, meta: dict, imgsz: int, runtime: str, thr
 
 
 def anchor_policies(ws) -> dict[str, Policy | None]:
-    """``{"": None (the float model), "_half": every group at ANCHOR_KEEP, kept channels rounded up to x8}``."""
+    """``{"": None (the float model), "_half": every group at ANCHOR_KEEP, kept channels rounded up to x8}``,
+    and ``"_nobranch"``: the float model without its droppable branches, where it has some."""
     half = round_policy(ws, ws.resolve(magnitude_pruning(ws.view, 1.0 - ANCHOR_KEEP)))[0]
-    return {"": None, "_half": half}
+    nobranch = without_branches(ws.view)
+    return {"": None, "_half": half, **({"_nobranch": nobranch} if nobranch is not None else {})}
 
 
 def as_int8(view, policy: Policy | None) -> Policy:
@@ -128,7 +164,8 @@ def measure_anchors(ws, table: LatencyTable, policies: dict[str, Policy | None],
                     model = ws.view.model if policy is None else ws.apply(policy, bn=False)
                 return measure_model_ms(model, ws.meta, imgsz, table.runtime, table.threads, runs,
                                         calib if precision == "int8" else None)
-            key = f"{ws.weights_fp}|{imgsz}|{precision}|keep {1.0 if policy is None else ANCHOR_KEEP}"
+            shape = {"": "keep 1.0", "_half": f"keep {ANCHOR_KEEP}"}.get(suffix, suffix.lstrip("_"))
+            key = f"{ws.weights_fp}|{imgsz}|{precision}|{shape}"
             out[precision + suffix] = table.model_ms(key, timed)
     return out
 
@@ -182,16 +219,33 @@ def fit_precision(rows: list[tuple[float, float, float, float]]) -> PrecisionFit
 class LatencyCost:
     """``estimate``-compatible: the analytic cost plus predicted latency (see the module docstring)."""
 
-    def __init__(self, view, table: LatencyTable, anchors: dict[str, float], half: Policy | None = None) -> None:
-        """``anchors``: measured ms by :data:`ANCHORS` name (``fp32`` at least); ``half``: the half-width policy."""
+    def __init__(self, view, table: LatencyTable, anchors: dict[str, float], half: Policy | None = None,
+                 nobranch: Policy | None = None) -> None:
+        """``anchors``: measured ms by :data:`ANCHORS` name (``fp32`` at least); ``half``: the half-width policy;
+        ``nobranch``: the float structure without its droppable branches (:func:`without_branches`)."""
         if "fp32" not in anchors:
             raise ValueError("a latency prediction needs at least the float model's fp32 latency")
         self.view, self.table, self.anchors = view, table, dict(anchors)
         self.overhead = {p8: table(ConvShape(*OVERHEAD_SHAPE, p8)) for p8 in (False, True)}
         self.volume = sum(activation_volume(view, estimate(view)).values())
+        self.branches = droppable_branches(view)
+        self.branch_ms = {False: 0.0, True: 0.0}
         structures = {"": None, **({"_half": half} if half is not None else {})}
+        self._fit_all(structures)
+        if nobranch is not None and self.branches:
+            # what the prediction without a branch term over-states for the model without the branches is the
+            # branches' cost; taken off the anchors that keep them, the refit leaves the rest to the other terms
+            for _ in range(3):  # linear terms settle at once; a re-held scale moves them a little
+                for int8, precision in ((False, "fp32"), (True, "int8")):
+                    if precision + "_nobranch" in anchors:
+                        pol = as_int8(view, nobranch) if int8 else nobranch
+                        err = self(view, pol).latency_ms - anchors[precision + "_nobranch"]
+                        self.branch_ms[int8] = max(0.0, self.branch_ms[int8] + err)
+                self._fit_all(structures)
+
+    def _fit_all(self, structures: dict[str, Policy | None]) -> None:
         self.fits = {False: self._fit(structures, "fp32")}
-        self.fits[True] = self._fit(structures, "int8") if "int8" in anchors else self.fits[False]
+        self.fits[True] = self._fit(structures, "int8") if "int8" in self.anchors else self.fits[False]
 
     def conv_ms(self, shape: ConvShape) -> float:
         """The table's entry for ``shape`` less the per-call cost of an isolated graph."""
@@ -207,6 +261,17 @@ class LatencyCost:
             share[shape.int8] += volume[name] / self.volume
         return ms, share
 
+    def _kept_branches(self, policy: Policy | None, shapes: dict[str, ConvShape]) -> dict[str, tuple[str, bool]]:
+        """The droppable branches ``policy`` keeps: ``{module: (its group's first conv, int8 or not)}``."""
+        out = {}
+        for mod, (group, channels) in self.branches.items():
+            spec = policy.groups.get(group) if policy is not None else None
+            if spec and ("keep_idx" in spec and channels.isdisjoint(spec["keep_idx"]) or spec.get("keep", 1) == 0):
+                continue
+            layer = self.view.groups[group].layers[0]
+            out[mod] = (layer, layer in shapes and shapes[layer].int8)
+        return out
+
     def _fit(self, structures: dict[str, Policy | None], precision: str) -> PrecisionFit:
         """One row per anchor of ``precision`` for :func:`fit_precision`.
 
@@ -217,9 +282,12 @@ class LatencyCost:
         for suffix, policy in structures.items():
             if precision + suffix not in self.anchors:
                 continue
-            ms, share = self._terms(as_int8(self.view, policy) if int8 else policy)
+            policy = as_int8(self.view, policy) if int8 else policy
+            ms, share = self._terms(policy)
             q = share[int8] / max(share[False] + share[True], 1e-12)
-            rest = self.anchors[precision + suffix]
+            shapes = layer_shapes(self.view, estimate(self.view, policy))
+            rest = self.anchors[precision + suffix] - sum(
+                self.branch_ms[p8] for _, p8 in self._kept_branches(policy, shapes).values())
             if int8:  # the fp32 convs of an int8 anchor, at the fp32 fit
                 f32 = self.fits[False]
                 rest -= f32.scale * ms[False] + f32.per_act_ms * share[False] + (1 - q) * f32.const_ms
@@ -230,7 +298,8 @@ class LatencyCost:
     def measured(cls, ws, table: LatencyTable, runs: int = 20) -> LatencyCost:
         """Fitted to the anchors of ``ws``'s float weights, timed on ``table``'s runtime (or read from its file)."""
         policies = anchor_policies(ws)
-        return cls(ws.view, table, measure_anchors(ws, table, policies, runs), policies["_half"])
+        return cls(ws.view, table, measure_anchors(ws, table, policies, runs), policies["_half"],
+                   policies.get("_nobranch"))
 
     @property
     def scale(self) -> float:
@@ -245,12 +314,16 @@ class LatencyCost:
         cost = estimate(view, policy)  # the per-layer shapes are what the latency is looked up by
         volume = activation_volume(view, cost)
         total = int8_share = 0.0
-        for name, shape in layer_shapes(view, cost).items():
+        shapes = layer_shapes(view, cost)
+        for name, shape in shapes.items():
             fit, share = self.fits[shape.int8], volume[name] / self.volume
             ms = fit.scale * self.conv_ms(shape) + fit.per_act_ms * share
             cost.per_layer[name]["latency_ms"] = ms
             total += ms
             int8_share += share if shape.int8 else 0.0
+        for layer, p8 in self._kept_branches(policy, shapes).values():  # charged to the conv that decides it
+            cost.per_layer[layer]["latency_ms"] += self.branch_ms[p8]
+            total += self.branch_ms[p8]
         q = int8_share / max(sum(volume.values()) / self.volume, 1e-12)
         cost.latency_ms = total + (1 - q) * self.fits[False].const_ms + q * self.fits[True].const_ms
         return cost
