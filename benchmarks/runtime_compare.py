@@ -198,7 +198,9 @@ def predictions(args, rows: list[dict], threads: int | None) -> list[dict]:
             meas = got["latency"]["1"]["median_ms"]
             out.append({"policy": name, "runtime": runtime, "predicted_ms": pred, "measured_ms": meas,
                         "error": pred / meas - 1, "table": str(cost.table.path), "anchors_ms": cost.anchors,
-                        "fits": {("int8" if k else "fp32"): vars(f) for k, f in cost.fits.items()}})
+                        "fits": {("int8" if k else "fp32"): vars(f) for k, f in cost.fits.items()},
+                        "branch_ms": {("int8" if k else "fp32"): v for k, v in cost.branch_ms.items()}
+                        if cost.branches else {}})
     return out
 
 
@@ -289,6 +291,10 @@ def main() -> None:
         table += ["", "Anchors the prediction is fitted to (whole models timed in this run, batch 1 ms): "
                   + "; ".join(f"{rt}: " + ", ".join(f"{k} {v:.2f}" for k, v in a.items()) for rt, a in anchors.items())
                   ] if anchors else []
+        branches = {p["runtime"]: p["branch_ms"] for p in preds if p["branch_ms"]}
+        table += ["", "Droppable branches (SkyNet's reorg bypass) charged whole, ms: "
+                  + "; ".join(f"{rt}: " + ", ".join(f"{k} {v:.2f}" for k, v in b.items()) for rt, b in branches.items())
+                  ] if branches else []
     else:
         table = []
     profiles = [(name, profile(path, 1, runs=20, threads=args.threads)) for name, _, path in made] \
