@@ -251,15 +251,17 @@ class LatencyCost:
         """The table's entry for ``shape`` less the per-call cost of an isolated graph."""
         return max(self.table(shape) - self.overhead[shape.int8], 0.0)
 
-    def _terms(self, policy: Policy | None) -> tuple[dict[bool, float], dict[bool, float]]:
-        """Table ms and share of the float model's activation volume of ``policy``'s convs, by int8-or-not."""
+    def _terms(self, policy: Policy | None) -> tuple[dict[bool, float], dict[bool, float], dict[str, ConvShape]]:
+        """Table ms and share of the float model's activation volume of ``policy``'s convs, by int8-or-not;
+        and the convs' shapes."""
         cost = estimate(self.view, policy)
         volume = activation_volume(self.view, cost)
         ms, share = {False: 0.0, True: 0.0}, {False: 0.0, True: 0.0}
-        for name, shape in layer_shapes(self.view, cost).items():
+        shapes = layer_shapes(self.view, cost)
+        for name, shape in shapes.items():
             ms[shape.int8] += self.conv_ms(shape)
             share[shape.int8] += volume[name] / self.volume
-        return ms, share
+        return ms, share, shapes
 
     def _kept_branches(self, policy: Policy | None, shapes: dict[str, ConvShape]) -> dict[str, tuple[str, bool]]:
         """The droppable branches ``policy`` keeps: ``{module: (its group's first conv, int8 or not)}``."""
@@ -283,9 +285,8 @@ class LatencyCost:
             if precision + suffix not in self.anchors:
                 continue
             policy = as_int8(self.view, policy) if int8 else policy
-            ms, share = self._terms(policy)
+            ms, share, shapes = self._terms(policy)
             q = share[int8] / max(share[False] + share[True], 1e-12)
-            shapes = layer_shapes(self.view, estimate(self.view, policy))
             rest = self.anchors[precision + suffix] - sum(
                 self.branch_ms[p8] for _, p8 in self._kept_branches(policy, shapes).values())
             if int8:  # the fp32 convs of an int8 anchor, at the fp32 fit
