@@ -1,0 +1,141 @@
+"""The accuracy issue's one table, assembled from the recovery runs that measured its rows.
+
+    python benchmarks/recovery_table.py [--config benchmarks/recovery_table.yaml] [--out recovery_table]
+
+A whole table (two detectors, two data sets, two budgets, three policy kinds, three stages each)
+takes many sessions of this 2-core CPU, so ``recovery_compare.py`` measures it a budget and a
+policy kind at a time into ``benchmarks/results/<name>.json``. This script gathers those files
+as the config lists them: one section per detector, data set and budget, every stage row with
+the command that made it, a line per section saying whether the target was met (best final
+stage of each policy kind against fp32), and the policy kinds the section still misses. It
+measures nothing itself. Writes benchmarks/results/<--out>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from rsdet_compress.atomic import write_text
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def command_of(stem: str) -> str | None:
+    """The benchmark command recorded in ``<stem>.md``'s header (its first backticked line)."""
+    md = RESULTS / f"{stem}.md"
+    if not md.is_file():
+        return None
+    found = re.search(r"`(python benchmarks/[^`]+)`", md.read_text())
+    return found.group(1) if found else None
+
+
+def gather(sources: list[str]) -> tuple[list[dict], list[str], list[str]]:
+    """Rows of the ``sources`` that exist (a policy's stage once: the first file that has it), their
+    commands, and the sources not written yet."""
+    rows, seen, commands, missing = [], set(), [], []
+    for stem in sources:
+        path = RESULTS / f"{stem}.json"
+        if not path.is_file():
+            missing.append(stem)
+            continue
+        commands.append(command_of(stem) or f"(no command recorded in {stem}.md)")
+        for r in json.loads(path.read_text()):
+            key = (r["policy"], r["stage"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    return rows, commands, missing
+
+
+def kind(policy: str) -> str:
+    """The policy kind a row's name belongs to: its agent, or uniform with its bits (``uniform w4a8``)."""
+    name = policy.split(" @ ")[0]
+    if name.startswith("uniform"):
+        bits = re.match(r"uniform (w\d+a\d+)", name)
+        return f"uniform {bits.group(1)}" if bits else "uniform"
+    return name.split(" ")[0]
+
+
+def finals(rows: list[dict]) -> dict[str, dict]:
+    """Per policy kind, its best row after a recovery stage (recover, or recover + QAT)."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["policy"] == "fp32" or "recover" not in r["stage"]:
+            continue
+        k = kind(r["policy"])
+        if k not in best or r["map50"] > best[k]["map50"]:
+            best[k] = r
+    return best
+
+
+def f(v, p=4) -> str:
+    return "-" if v is None else f"{v:.{p}f}"
+
+
+def section(spec: dict, target_points: float) -> list[str]:
+    rows, commands, missing_files = gather(spec["sources"])
+    out = [f"## {spec['title']}", ""]
+    if not rows:
+        return out + ["Not measured yet.", ""]
+    classes = list(rows[0]["ap50"])
+    cols = ["policy", "stage", "mAP50", "mAP50-95", *[f"AP50 {c}" for c in classes], "ΔmAP50 vs fp32 [95% CI]",
+            "size x", "FLOPs x", "BOPs x", "stage min"]
+    out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        ci = f"{r['dmap50']:+.4f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else f"{r['dmap50']:+.4f}"
+        out.append("| " + " | ".join([r["policy"], r["stage"], f(r["map50"]), f(r["map50_95"]),
+                                      *[f(r["ap50"].get(c)) for c in classes], ci, f(r["size"], 2),
+                                      f(r["flops"], 2), f(r["bops"], 2), f(r["minutes"], 1)]) + " |")
+    out.append("")
+    best = finals(rows)
+    for k, r in sorted(best.items(), key=lambda kv: -kv[1]["map50"]):
+        verdict = ""
+        if spec.get("target"):
+            met = r["dmap50"] >= -target_points / 100
+            verdict = f": target (within {target_points:g} point) {'met' if met else 'missed'}"
+        out.append(f"- best {k}: {r['map50']:.4f} ({100 * r['dmap50']:+.2f} points, {r['stage']}){verdict}")
+    absent = [k for k in spec.get("expect", []) if k not in best]
+    if absent:
+        out.append(f"- not measured yet: {', '.join(absent)}")
+    out += ["", "Made by:", *[f"- `{c}`" for c in commands]]
+    if missing_files:
+        out.append(f"- (results files not written yet: {', '.join(missing_files)})")
+    return out + [""]
+
+
+def ranking(stems: list[str]) -> list[str]:
+    out = ["## How well each reward form ranks a search's candidates", ""]
+    for stem in stems:
+        md = RESULTS / f"{stem}.md"
+        if not md.is_file():
+            out += [f"({stem} not written yet)", ""]
+            continue
+        # the ranking file's header and its first table (reward form -> Spearman rho, eval time)
+        parts = md.read_text().replace("\n# ", "\n### ").removeprefix("# ").split("\n\n")[:3]
+        out += ["### " + "\n\n".join(parts), ""]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(HERE / "recovery_table.yaml"))
+    ap.add_argument("--out", default="recovery_table", help="results file stem in benchmarks/results/")
+    args = ap.parse_args()
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    lines = ["# Recovery: fp32 vs calibrated vs recovered vs recovered + QAT, per detector, data set and budget", "",
+             "Test split of each data set. Stage minutes: wall time on the 2-core CPU of the run that made the stage.",
+             f"`python benchmarks/recovery_table.py --config {Path(args.config).relative_to(HERE.parent)}`", ""]
+    for spec in cfg["sections"]:
+        lines += section(spec, float(cfg.get("target_points", 1.0)))
+    lines += ranking(cfg.get("ranking", []))
+    write_text(RESULTS / f"{args.out}.md", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
