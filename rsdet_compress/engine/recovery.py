@@ -92,7 +92,7 @@ def default_out(weights: str | Path) -> Path:
     return weights.with_name(weights.stem + ".recovered.pt")
 
 
-def _training_chips(data_yaml: Path, imgsz: int, n: int, seed: int) -> EvalSet:
+def training_chips(data_yaml: Path, imgsz: int, n: int, seed: int) -> EvalSet:
     """``n`` training chips drawn at random (seeded); too few in the split is an error."""
     cfg = load_data_config(data_yaml)
     coco_path = cfg.split_coco("train")
@@ -143,7 +143,7 @@ def recover(cfg: RecoverConfig | None = None, **kwargs) -> dict:
     tracker = Tracker(cfg.experiment, enabled=cfg.track).check()
     model, meta, float_model, policy, data = _load(cfg)
     imgsz = int(policy.imgsz or meta.get("imgsz") or 640)
-    chips = _training_chips(data.yaml_path, imgsz, cfg.images, cfg.seed)
+    chips = training_chips(data.yaml_path, imgsz, cfg.images, cfg.seed)
     device = torch_device(cfg.device)
     view = CompressibleView(float_model, imgsz=imgsz)  # rewrites split blocks as the compressed model has them
     model.to(device)
