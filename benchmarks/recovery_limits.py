@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def main() -> None:
             return {"calibrated": before, "recovered": scored(model), "seconds": time.perf_counter() - t0,
                     "flops": estimate(ws.view, variant).ratios(float_cost)["flops"]}
         key = {**base_key, "variant": variant.to_dict(), "images": args.images, "iters": args.iters}
-        rows.append({"row": name, **kept(f"{stem}-{name.replace(' ', '-')}", key, run)})
+        rows.append({"row": name, **kept(f"{stem}-{re.sub(r'[^A-Za-z0-9_.]+', '-', name).strip('-')}", key, run)})
         print(name, rows[-1], flush=True)
     cols = ["row", *[f"calibrated {s}" for s in SPLITS], *[f"recovered {s}" for s in SPLITS], "fit chips",
             "FLOPs x", "s"]
