@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import yaml
+from recovery_compare import markdown
 
 from rsdet_compress.atomic import write_text
 
@@ -73,25 +74,11 @@ def finals(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
-def f(v, p=4) -> str:
-    return "-" if v is None else f"{v:.{p}f}"
-
-
 def section(spec: dict, target_points: float) -> list[str]:
     rows, commands, missing_files = gather(spec["sources"])
-    out = [f"## {spec['title']}", ""]
     if not rows:
-        return out + ["Not measured yet.", ""]
-    classes = list(rows[0]["ap50"])
-    cols = ["policy", "stage", "mAP50", "mAP50-95", *[f"AP50 {c}" for c in classes], "ΔmAP50 vs fp32 [95% CI]",
-            "size x", "FLOPs x", "BOPs x", "stage min"]
-    out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        ci = f"{r['dmap50']:+.4f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else f"{r['dmap50']:+.4f}"
-        out.append("| " + " | ".join([r["policy"], r["stage"], f(r["map50"]), f(r["map50_95"]),
-                                      *[f(r["ap50"].get(c)) for c in classes], ci, f(r["size"], 2),
-                                      f(r["flops"], 2), f(r["bops"], 2), f(r["minutes"], 1)]) + " |")
-    out.append("")
+        return [f"## {spec['title']}", "", "Not measured yet.", ""]
+    out = markdown(rows, f"## {spec['title']}").splitlines() + [""]
     best = finals(rows)
     for k, r in sorted(best.items(), key=lambda kv: -kv[1]["map50"]):
         verdict = ""
