@@ -33,6 +33,9 @@ from rsdet_compress.runtime.loader import OnnxDetector, load_model
 #: scores are sigmoid probabilities (measured ~1e-6). Float reassociation only: anything larger is a bug.
 BOX_ATOL = 1e-2
 SCORE_ATOL = 1e-4
+#: a chip moved by one flipped 4-bit activation (see the compressed-graph test): 5x and 2x the measured worst.
+CASCADE_SCORE_ATOL = 0.25
+CASCADE_BOX_MEDIAN = 8.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,12 +69,16 @@ def compressed(trained_yolov8n, small_airbus, tmp_path_factory):
     return out
 
 
-def _compare(ref: torch.Tensor, got: torch.Tensor, box_outliers: float = 0.0, score_atol: float = SCORE_ATOL) -> None:
-    """Scores within ``score_atol`` everywhere; boxes within BOX_ATOL on all but ``box_outliers`` of the anchors."""
+def _close(ref: torch.Tensor, got: torch.Tensor) -> bool:
+    """Scores within SCORE_ATOL and boxes within BOX_ATOL on every anchor."""
     assert got.shape == ref.shape
-    box = (got[:, :4] - ref[:, :4]).abs().amax(dim=1)
-    assert (box > BOX_ATOL).float().mean() <= box_outliers
-    assert (got[:, 4:] - ref[:, 4:]).abs().max() <= score_atol
+    box, score = (got[:, :4] - ref[:, :4]).abs().max(), (got[:, 4:] - ref[:, 4:]).abs().max()
+    return bool(box <= BOX_ATOL and score <= SCORE_ATOL)
+
+
+def _compare(ref: torch.Tensor, got: torch.Tensor) -> None:
+    assert _close(ref, got), f"max box error {(got[:, :4] - ref[:, :4]).abs().max():.3g} px, " \
+        f"max score error {(got[:, 4:] - ref[:, 4:]).abs().max():.3g}"
 
 
 def _conv_shapes(model: onnx.ModelProto) -> Counter:
@@ -94,7 +101,7 @@ def test_float_onnx_matches_pytorch_with_dynamic_batch(trained_yolov8n, float_on
     assert next(detector.parameters()).dtype == torch.float32  # what the evaluator and predictor ask
 
 
-def test_compressed_onnx_is_pruned_and_matches_pytorch(compressed, chips, tmp_path):
+def test_compressed_onnx_is_pruned_and_matches_pytorch(compressed, small_airbus, tmp_path):
     model, meta = load_detector(compressed)
     assert meta["compressed"]
     path = export_onnx(compressed, tmp_path / "c.onnx")
@@ -106,13 +113,23 @@ def test_compressed_onnx_is_pruned_and_matches_pytorch(compressed, chips, tmp_pa
     assert sum(s[0] for s in _conv_shapes(proto).elements()) < 0.8 * float_out
     ops = Counter(n.op_type for n in proto.graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] == ops["QuantizeLinear"]  # 4-bit activations
+    produced = {out: n.op_type for n in proto.graph.node for out in n.output}  # 16 levels: Clip before each uint8 Q
+    assert all(produced.get(n.input[0]) == "Clip" for n in proto.graph.node if n.op_type == "QuantizeLinear")
     detector, ometa = load_model(path)
     assert ometa["compressed"] and ometa["policy"]["weight_bits_channels"].keys() <= {"4", "32"}
     n_q = sum(isinstance(m, QConv2d) for m in model.modules())
     assert ometa["policy"]["act_bits_layers"] == {"4": n_q}
-    with torch.no_grad():  # a fake-quantized activation on a rounding boundary may flip (see exporter's
-        # ONNX_QDQ_TOLERANCE) and move a background anchor's DFL box (measured: scores move <= 2.3e-4)
-        _compare(model(chips[:3])[0], detector(chips[:3]), box_outliers=0.01, score_atol=1e-3)
+    twelve = calibration_set(str(small_airbus), 320, 12, split="val").images.float().div(255)
+    with torch.no_grad():
+        ref, got = model(twelve)[0], detector(twelve)
+    # Float reassociation (BN folded, other kernels) now and then flips one 4-bit activation at a rounding
+    # boundary, and every anchor depends on the whole chip (SPPF and the top-down path), so such a chip moves
+    # as a whole. Measured on 104 airbus chips: 7 moved (scores <= 0.051, median box shift <= 4.0 px); all
+    # others matched to 2e-7 (scores) and 1.5e-5 px (boxes). A wrong scale, clip or pruned channel moves them all.
+    exact = [_close(ref[i:i + 1], got[i:i + 1]) for i in range(len(twelve))]
+    assert sum(exact) >= len(twelve) // 2, f"only {sum(exact)} of {len(twelve)} chips match PyTorch"
+    assert (got[:, 4:] - ref[:, 4:]).abs().max() <= CASCADE_SCORE_ATOL
+    assert (got[:, :4] - ref[:, :4]).abs().amax(dim=1).median(dim=1).values.max() <= CASCADE_BOX_MEDIAN
 
 
 def test_int8_and_float_export_keep_map_via_cli(trained_yolov8n, small_airbus, tmp_path, capsys):
