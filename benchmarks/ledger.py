@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,16 @@ LEDGER = Path(__file__).resolve().parent / "results" / "ledger"
 def digest(path: Path) -> str:
     """sha256 of a file: the key's part that says which weights a record was measured on."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def digest_of(spec: str) -> str:
+    """The digest of a file, or ``spec`` itself where it is already one (64 hex digits): rows measured on a
+    checkpoint an earlier checkout made can be named by the digest their ledger key holds."""
+    if Path(spec).is_file():
+        return digest(Path(spec))
+    if re.fullmatch(r"[0-9a-f]{64}", spec):
+        return spec
+    raise SystemExit(f"error: {spec}: no such file (nor a sha256 digest of one)")
 
 
 def _plain(obj: Any) -> Any:

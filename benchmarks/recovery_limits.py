@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from ledger import digest, kept
+from ledger import digest, digest_of, kept
 from recovery_compare import RESULTS
 
 from rsdet_compress.atomic import write_text
@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--weights", required=True, help="float checkpoint")
     ap.add_argument("--data", required=True, help="dataset YAML")
     ap.add_argument("--policy", required=True, help="the searched policy JSON")
-    ap.add_argument("--recovered", default=None, help="the policy's recovered checkpoint (rows 1 and 2)")
+    ap.add_argument("--recovered", default=None,
+                    help="the policy's recovered checkpoint (rows 1 and 2), or its sha256 where the ledger has them")
     ap.add_argument("--fit-images", type=int, default=256, help="chips the recovered checkpoint was fitted on")
     ap.add_argument("--fit-seed", type=int, default=0, help="recover's seed: which chips those were")
     ap.add_argument("--criteria", default="l1,bn_scale,taylor", help="channel criteria for the same kept counts")
@@ -121,9 +122,12 @@ def main() -> None:
     rows = [{"row": "fp32", "calibrated": None, "recovered": ref, "flops": 1.0, "seconds": None}]
     if args.recovered:
         rec = Path(args.recovered)
-        key = {**base_key, "recovered": digest(rec), "fit": [args.fit_images, args.fit_seed]}
+        key = {**base_key, "recovered": digest_of(args.recovered), "fit": [args.fit_images, args.fit_seed]}
 
         def recovered_rows() -> list[dict]:
+            if not rec.is_file():
+                raise SystemExit(f"error: the ledger has no rows for the recovered checkpoint {args.recovered} "
+                                 "under these settings: give the checkpoint itself")
             fit = Evaluator(training_chips(data, imgsz, args.fit_images, args.fit_seed), batch=16)
             model, _ = load_model(rec)
             q = {**scored(model), "fit chips": fit(model)["map50"]}
