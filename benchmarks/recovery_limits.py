@@ -2,6 +2,7 @@
 
     python benchmarks/recovery_limits.py --weights runs/baselines/skynet/weights/best.pt \\
         --data runs/data/airbus/data.yaml --policy <work>/policy.json --recovered <work>/recovered.pt
+    python benchmarks/recovery_limits.py ... --policy ledger:<search record> --recovered <sha256>
 
 Each row answers one question with one measurement, on the val and test splits (mAP50):
 
@@ -18,12 +19,15 @@ Each row answers one question with one measurement, on the val and test splits (
    variant gives the scale: how far the short recovery is from the full one.
 
 Each row goes to the ledger (benchmarks/results/ledger/), keyed by the weights, policy and
-settings, so a rerun measures only what is missing. Writes benchmarks/results/<--out>.{md,json}.
+settings, so a rerun measures only what is missing; a later checkout names the policy by its
+search's ledger record and the recovered checkpoint by the digest its rows were kept under.
+Writes benchmarks/results/<--out>.{md,json}.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import re
 import sys
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from ledger import digest, digest_of, kept
+from ledger import LEDGER, digest, digest_of, kept
 from recovery_compare import RESULTS
 
 from rsdet_compress.atomic import write_text
@@ -90,11 +94,24 @@ def variants(ws: Workspace, policy: Policy, criteria: list[str]) -> dict[str, Po
     return out
 
 
+def load_policy(spec: str) -> tuple[Policy, str]:
+    """A policy JSON, or ``ledger:<search record>`` for the best policy of a search kept in the ledger;
+    with the digest of its JSON file (the same bytes either way: ``Policy.save`` is deterministic)."""
+    if spec.startswith("ledger:"):
+        record = LEDGER / f"{spec.removeprefix('ledger:')}.json"
+        if not record.is_file():
+            raise SystemExit(f"error: {record}: no such ledger record")
+        policy = Policy.from_dict(json.loads(record.read_text())["value"]["best_policy"])
+        return policy, hashlib.sha256(json.dumps(policy.to_dict(), indent=1).encode()).hexdigest()
+    return Policy.load(spec), digest(Path(spec))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True, help="float checkpoint")
     ap.add_argument("--data", required=True, help="dataset YAML")
-    ap.add_argument("--policy", required=True, help="the searched policy JSON")
+    ap.add_argument("--policy", required=True,
+                    help="the searched policy JSON, or ledger:<search record> for that search's best policy")
     ap.add_argument("--recovered", default=None,
                     help="the policy's recovered checkpoint (rows 1 and 2), or its sha256 where the ledger has them")
     ap.add_argument("--fit-images", type=int, default=256, help="chips the recovered checkpoint was fitted on")
@@ -110,10 +127,10 @@ def main() -> None:
     cfg = load_data_config(data)
     evaluators = {s: Evaluator(EvalSet.from_coco(cfg.split_coco(s), cfg.split_images(s), imgsz), batch=16)
                   for s in SPLITS}
-    policy = Policy.load(args.policy)
+    policy, policy_digest = load_policy(args.policy)
     base_key = {"weights": digest(weights), "data": str(data), "policy": policy.to_dict()}
     float_cost = estimate(ws.view)
-    stem = f"limits-{ws.view.detector}-{digest(Path(args.policy))[:12]}"
+    stem = f"limits-{ws.view.detector}-{policy_digest[:12]}"
 
     def scored(model, splits=SPLITS) -> dict:
         return {s: evaluators[s](model)["map50"] for s in splits}
