@@ -47,3 +47,14 @@ def test_a_failed_make_keeps_nothing(ledger):
     with pytest.raises(RuntimeError):
         ledger.kept("rows-b", {"k": 1}, boom)
     assert not (ledger.LEDGER / "rows-b.json").exists()
+
+
+def test_a_checkpoint_gone_is_named_by_its_digest(ledger, tmp_path):
+    weights = tmp_path / "recovered.pt"
+    weights.write_bytes(b"recovered")
+    sha = ledger.digest(weights)
+    assert ledger.digest_of(str(weights)) == sha
+    weights.unlink()  # an earlier checkout's file: its rows stay reachable by the digest they were kept under
+    assert ledger.digest_of(sha) == sha
+    with pytest.raises(SystemExit, match="no such file"):
+        ledger.digest_of(str(weights))
