@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,7 +102,8 @@ def load_policy(spec: str) -> tuple[Policy, str]:
         if not record.is_file():
             raise SystemExit(f"error: {record}: no such ledger record")
         policy = Policy.from_dict(json.loads(record.read_text())["value"]["best_policy"])
-        return policy, hashlib.sha256(json.dumps(policy.to_dict(), indent=1).encode()).hexdigest()
+        with tempfile.TemporaryDirectory() as tmp:  # Policy.save's own bytes, so the digest follows its format
+            return policy, digest(policy.save(Path(tmp) / "policy.json"))
     return Policy.load(spec), digest(Path(spec))
 
 
