@@ -50,6 +50,7 @@ from rsdet_compress.data.evalset import EvalSet
 from rsdet_compress.engine.evaluator import Evaluator, coco_evaluated, resampled_metrics
 from rsdet_compress.engine.finetune import FinetuneConfig, finetune
 from rsdet_compress.engine.recovery import RecoverConfig, recover
+from rsdet_compress.machine import cpu_label
 from rsdet_compress.runtime.latency_table import RUNTIMES, LatencyTable
 from rsdet_compress.runtime.loader import load_model
 from rsdet_compress.search.budget import Budget
@@ -167,7 +168,10 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
                 "best_policy": result.best_policy.to_dict(),
                 "candidates": [{"episode": r["episode"], "policy": policies[r["episode"]], "search": r["metrics"]}
                                for r in result.candidates if r["metrics"].get("meets_budget")]}
-    return kept(name, {"weights": digest(weights), "search": settings}, run)
+    key = {"weights": digest(weights), "search": settings}
+    if latency:  # a latency budget is a fraction of this machine's timings: another CPU finds another policy
+        key["machine"] = cpu_label()
+    return kept(name, key, run)
 
 
 def gpu_suffix(args) -> str:
