@@ -34,17 +34,18 @@ def rows_of(run: dict, stem: str, peer_name: str) -> list[dict]:
     """A run's rows with the ratios this table shows, all taken within the run."""
     fp32 = next(r for r in run["rows"] if r["name"] == "fp32" and r["runtime"] == "onnxruntime")
     peer = next((r for r in run["rows"] if r["name"] == peer_name), None)
-    preds = {(p["policy"], p["runtime"]): p for p in run.get("latency_table", [])}
+    fp32_ms = (latency(fp32, 1) or {}).get("median_ms")
+    peer_ms = (latency(peer, 1) or {}).get("median_ms") if peer else None
     out = []
     for r in run["rows"]:
-        b1 = latency(r, 1)
+        b1_ms = (latency(r, 1) or {}).get("median_ms")
         ours = r["name"] != "fp32" and not r["name"].startswith("peer")
-        pred = next((p for (policy, rt), p in preds.items()
-                     if ours and rt == r["runtime"] and r["name"].startswith(policy + ":")
-                     and p["measured_ms"] == (b1 or {}).get("median_ms")), None)
+        # the run checked its prediction against one export per policy and runtime: the row timed at that value
+        pred = next((p for p in run.get("latency_table", []) if ours and p["runtime"] == r["runtime"]
+                     and r["name"].startswith(p["policy"] + ":") and p["measured_ms"] == b1_ms), None)
         out.append({**r, "stem": stem, "ours": ours, "dpoints": 100 * (r["map50"] - fp32["map50"]),
-                    "vs_fp32_ort": latency(fp32, 1)["median_ms"] / b1["median_ms"] if b1 else None,
-                    "vs_peer": latency(peer, 1)["median_ms"] / b1["median_ms"] if b1 and peer else None,
+                    "vs_fp32_ort": fp32_ms / b1_ms if b1_ms and fp32_ms else None,
+                    "vs_peer": peer_ms / b1_ms if b1_ms and peer_ms else None,
                     "prediction_error": pred["error"] if pred else None})
     return out
 
