@@ -66,8 +66,8 @@ def verdict(rows: list[dict], target: dict) -> str:
     accurate = [r for r in ours if meets(r, target)["points"]]
     best = max(accurate, key=lambda r: r["vs_peer"] or 0) if accurate else max(ours, key=lambda r: r["dpoints"])
     ok = meets(best, target)
-    parts = [f"{best['vs_peer']:.2f}x the peer (target {target['vs_peer']:g}x)" if best["vs_peer"] else "no peer row",
-             f"{best['vs_fp32_ort']:.2f}x fp32 onnxruntime (target {target['vs_fp32_ort']:g}x)",
+    parts = [f"{fmt(best['vs_peer'], '.2f', 'x')} the peer (target {target['vs_peer']:g}x)",
+             f"{fmt(best['vs_fp32_ort'], '.2f', 'x')} fp32 onnxruntime (target {target['vs_fp32_ort']:g}x)",
              f"{best['dpoints']:+.2f} mAP50 points (target >= -{target['points']:g})"]
     missed = [k for k, v in ok.items() if not v]
     state = "met" if not missed else "missed (" + ", ".join(missed) + ")"
