@@ -56,7 +56,7 @@ from rsdet_compress.runtime.loader import load_model
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.latency_cost import LatencyCost
 from rsdet_compress.search.logbook import Logbook
-from rsdet_compress.search.runner import LEGACY_SETTINGS, SearchConfig, search
+from rsdet_compress.search.runner import LEGACY_SETTINGS, SearchConfig, search, timing_machine
 from rsdet_compress.search.statefile import load_state
 from rsdet_compress.settings import runs_root
 from rsdet_compress.tracking.mlflow_tracker import check_store
@@ -115,10 +115,12 @@ def earlier_search(cfg: SearchConfig) -> str | None:
     whose table was never written is only reloaded.
     """
     states = sorted((runs_root() / "search").glob("*/state.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    machine = timing_machine(cfg)  # a latency search continues only on the machine that timed it
     for state_file in states:
         state = load_state(state_file)
         # settings added to SearchConfig after the checkpoint was written: the value that reproduces it
-        if {**asdict(cfg), **LEGACY_SETTINGS, **state.get("config", {})} == asdict(cfg):
+        if ({**asdict(cfg), **LEGACY_SETTINGS, **state.get("config", {})} == asdict(cfg)
+                and state.get("timing_machine") == machine):
             return state_file.parent.name
     return None
 

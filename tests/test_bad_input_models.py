@@ -154,6 +154,26 @@ def test_search_resume_refuses_a_pickled_state_and_a_path_as_run_id(capsys, tmp_
     prove_live(evil, marker)
 
 
+def test_search_resume_refuses_a_latency_search_timed_on_another_cpu(capsys, tmp_path):
+    from dataclasses import asdict
+
+    from rsdet_compress.search.runner import SearchConfig, timing_machine
+    from rsdet_compress.search.statefile import save_state
+    cfg = SearchConfig(weights=str(tmp_path / "w.pt"), data=str(tmp_path / "d.yaml"),
+                       budget=["flops=0.5", "latency=0.33"])
+    here = timing_machine(cfg)
+    assert here is not None and here["table"].startswith("onnxruntime-t")
+    assert timing_machine(SearchConfig(budget=["size=0.125", "flops=0.5"])) is None  # no latency: any machine
+    elsewhere = {"cpu": "Some Other CPU (avx2)", "threads": here["threads"], "table": "onnxruntime-t2-0000000000.json"}
+    run_dir = Path(os.environ["RSDET_RUNS"]) / "search" / "feedbeef"
+    save_state(run_dir / "state.pt", {"config": asdict(cfg), "timing_machine": elsewhere})
+    run_error(capsys, ["search", "--resume", "feedbeef", "--quiet"], "Some Other CPU", here["cpu"],
+              "start a new search")
+    # the same machine passes this check and goes on to the next one (the weights file of this fake state)
+    save_state(run_dir / "state.pt", {"config": asdict(cfg), "timing_machine": here})
+    run_error(capsys, ["search", "--resume", "feedbeef", "--quiet"], "w.pt", "not found")
+
+
 def test_search_state_round_trips_exactly_as_plain_data(tmp_path):
     from rsdet_compress.search.statefile import load_state, save_state
     rng = np.random.default_rng(3)

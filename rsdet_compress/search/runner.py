@@ -25,7 +25,8 @@ from rsdet_compress.compress.policy import Policy
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.detectors.checkpoint import check_classes
 from rsdet_compress.errors import UserError
-from rsdet_compress.runtime.latency_table import RUNTIMES, LatencyTable
+from rsdet_compress.machine import cpu_label
+from rsdet_compress.runtime.latency_table import RUNTIMES, LatencyTable, table_path
 from rsdet_compress.search.budget import Budget
 from rsdet_compress.search.env import CompressEnv, EnvConfig
 from rsdet_compress.search.evaluation import RECOVERY, build_evaluator
@@ -157,6 +158,28 @@ def latency_cost(ws: Workspace, cfg: SearchConfig) -> LatencyCost:
     return LatencyCost.measured(ws, LatencyTable(cfg.latency_runtime, cfg.latency_threads))
 
 
+def timing_machine(cfg: SearchConfig) -> dict | None:
+    """What a latency budget was timed on (CPU, threads, runtime version: its table's file); None without one.
+
+    A latency budget is a fraction of the float model's latency on this machine's runtime: the same
+    ``latency=0.33`` on a CPU without VNNI asks for far deeper pruning. So a search keeps this in its
+    checkpoint, and a resume elsewhere is refused instead of mixing candidates timed on two machines.
+    """
+    if "latency" not in Budget.parse(cfg.budget).as_dict():
+        return None
+    threads = int(cfg.latency_threads or torch.get_num_threads())
+    return {"cpu": cpu_label(), "threads": threads, "table": table_path(cfg.latency_runtime, threads).name}
+
+
+def _check_same_machine(cfg: SearchConfig, state: dict, path: Path) -> None:
+    then, now = state.get("timing_machine"), timing_machine(cfg)
+    if then and now and then.get("table") != now["table"]:
+        raise UserError(f"--resume: {path}: this search's latency budget was timed on {then.get('cpu')}, "
+                        f"{then.get('threads')} threads ({then.get('table')}); this machine is {now['cpu']}, "
+                        f"{now['threads']} threads ({now['table']}): start a new search here (its budget means "
+                        "another latency on this CPU)")
+
+
 def search(config: SearchConfig | None = None, resume: str | None = None, progress: bool = True,
            tracking_uri: str | None = None, **overrides) -> SearchResult:
     """Run (or resume) a compression search; every candidate becomes a nested MLflow run."""
@@ -175,6 +198,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         # episodes=None means "the search's own count"; 0 is a value, and an error (checked below)
         cfg = SearchConfig(**{**LEGACY_SETTINGS, **state["config"],
                               **{k: v for k, v in overrides.items() if k == "episodes" and v is not None}})
+        _check_same_machine(cfg, state, path)
     else:
         cfg = config or SearchConfig()
         cfg = SearchConfig(**{**asdict(cfg), **overrides})
@@ -225,6 +249,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     best = state["best"] if state is not None else None  # carries the policy, unlike the summary records
     pool = evaluator_pool(cfg, evaluator)
     memo = ScoreMemo(state.get("memo") if state is not None else None)
+    machine = timing_machine(cfg)
     episode = start
     while episode < cfg.episodes:
         end = searcher.batch_end(episode, cfg.workers, cfg.episodes)
@@ -255,7 +280,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
         save_state(out_dir / "state.pt", {
             "config": asdict(cfg), "searcher": searcher.state_dict(), "pending": book.pending,
             "records": records, "best": best, "next_episode": episode, "wall_seconds": time.perf_counter() - t0,
-            "eval_seconds": list(evaluator.seconds), "memo": memo.state_dict()})
+            "eval_seconds": list(evaluator.seconds), "memo": memo.state_dict(), "timing_machine": machine})
     pool.close()
     bar.close()
     wall = time.perf_counter() - t0

@@ -1,0 +1,48 @@
+"""recovery_compare's search reuse: a search cut short continues, but never one timed on another CPU."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from rsdet_compress.search.runner import SearchConfig, timing_machine
+from rsdet_compress.search.statefile import save_state
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def recovery_compare(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # its sibling `ledger`
+    spec = importlib.util.spec_from_file_location("bench_recovery_compare", BENCH / "recovery_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("ledger", None)
+
+
+def _state(run_id: str, cfg: SearchConfig, machine: dict | None) -> None:
+    save_state(Path(os.environ["RSDET_RUNS"]) / "search" / run_id / "state.pt",
+               {"config": asdict(cfg), "timing_machine": machine})
+    time.sleep(0.02)  # newest first is by modification time
+
+
+def test_earlier_search_resumes_only_a_latency_search_timed_here(recovery_compare):
+    cfg = SearchConfig(weights="w.pt", data="d.yaml", budget=["latency=0.33"], latency_runtime="onnxruntime")
+    here = timing_machine(cfg)
+    elsewhere = {**here, "cpu": "Other CPU (avx2)", "table": "onnxruntime-t2-0000000000.json"}
+    _state("older-here", cfg, here)
+    _state("newer-elsewhere", cfg, elsewhere)
+    _state("newest-other-budget", SearchConfig(weights="w.pt", data="d.yaml", budget=["latency=0.5"]), here)
+    assert recovery_compare.earlier_search(cfg) == "older-here"  # the newest same-settings one of this machine
+    _state("older-here", cfg, elsewhere)
+    assert recovery_compare.earlier_search(cfg) is None
+
+    flops = SearchConfig(weights="w.pt", data="d.yaml", budget=["flops=0.5"])  # no latency: any machine's
+    _state("flops", flops, None)
+    assert recovery_compare.earlier_search(flops) == "flops"
