@@ -228,14 +228,20 @@ def paired_bootstrap(ref: COCOeval, got: COCOeval, image_ids: list[int], n: int 
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
-def timed(path: Path, make) -> float:
-    """Run ``make()`` unless ``path`` exists; the wall minutes it took (kept beside it, so reruns report them)."""
+def timed(path: Path, make) -> tuple[float, str | None]:
+    """Run ``make()`` unless ``path`` exists: the wall minutes it took and the CPU it ran on.
+
+    Both are kept beside it (``<path>.minutes``), so reruns report them, and minutes measured on
+    another machine of a later session are never taken for this one's. Records written before the
+    CPU was kept give None for it.
+    """
     record = path.with_name(path.name + ".minutes")
     if not path.exists() or not record.is_file():
         t0 = time.time()
         make()
-        record.write_text(f"{(time.time() - t0) / 60:.3f}\n")
-    return float(record.read_text())
+        record.write_text(f"{(time.time() - t0) / 60:.3f}\n{cpu_label()}\n")
+    lines = record.read_text().splitlines()
+    return float(lines[0]), (lines[1].strip() or None) if len(lines) > 1 else None
 
 
 def score(path: Path, evaluator: Evaluator) -> tuple[dict, COCOeval]:
@@ -246,10 +252,13 @@ def score(path: Path, evaluator: Evaluator) -> tuple[dict, COCOeval]:
     return resampled_metrics(ev, evaluator.evalset.image_ids, MAX_DET), ev
 
 
-def row(name: str, stage: str, m: dict, minutes: float | None, ratios: dict, ci: tuple | None, ref: dict) -> dict:
+def row(name: str, stage: str, m: dict, made: tuple[float, str | None] | None, ratios: dict, ci: tuple | None,
+        ref: dict) -> dict:
+    """One table row; ``made``: the stage's (wall minutes, CPU) from :func:`timed`."""
+    minutes, cpu = made or (None, None)
     return {"policy": name, "stage": stage, "map50": m["map50"], "map50_95": m["map50_95"],
             "ap50": {c: (v or {}).get("ap50") for c, v in m["per_class"].items()},
-            "dmap50": m["map50"] - ref["map50"], "ci95": ci, "minutes": minutes, **ratios}
+            "dmap50": m["map50"] - ref["map50"], "ci95": ci, "minutes": minutes, "cpu": cpu, **ratios}
 
 
 def box_counts(evalset: EvalSet) -> dict[str, int]:
@@ -270,11 +279,20 @@ def markdown(rows: list[dict], header: str, boxes: dict[str, int] | None = None)
 
     def f(v, p=4):
         return "-" if v is None else f"{v:.{p}f}"
+    cpus = list(dict.fromkeys(r["cpu"] for r in rows if r.get("cpu") and r["minutes"] is not None))
+    marks = {c: chr(ord("a") + i) for i, c in enumerate(cpus)}
+
+    def minutes(r):  # minutes compare only on one CPU: each is marked with the one it ran on
+        return f(r["minutes"], 1) + (f" ({marks[r['cpu']]})" if r.get("cpu") in marks else "")
     for r in rows:
         ci = f"{r['dmap50']:+.4f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else f"{r['dmap50']:+.4f}"
         out.append("| " + " | ".join([r["policy"], r["stage"], f(r["map50"]), f(r["map50_95"]),
                                       *[f(r["ap50"][c]) for c in classes], ci, f(r["size"], 2), f(r["flops"], 2),
-                                      f(r["bops"], 2), f(r["minutes"], 1)]) + " |")
+                                      f(r["bops"], 2), minutes(r)]) + " |")
+    if cpus:
+        unmarked = any(r["minutes"] is not None and r.get("cpu") not in marks for r in rows)
+        out += ["", "Stage minutes ran on: " + "; ".join(f"({m}) {c}" for c, m in marks.items())
+                + ("; unmarked: CPU not recorded" if unmarked else "") + "."]
     return "\n".join(out) + "\n"
 
 
@@ -289,8 +307,8 @@ def check_work(work: Path, policy: Policy) -> None:
 
 
 def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args,
-                ablate_least_squares: bool = False) -> list[tuple[str, Path, float]]:
-    """Compress -> recover (-> QAT) for one policy: (stage, checkpoint, wall minutes) each.
+                ablate_least_squares: bool = False) -> list[tuple[str, Path, tuple[float, str | None]]]:
+    """Compress -> recover (-> QAT) for one policy: (stage, checkpoint, (wall minutes, CPU)) each.
 
     With ``ablate_least_squares`` it also recovers without the LS re-fit (Adam alone); QAT
     starts from the LS recovery."""
@@ -309,10 +327,10 @@ def make_stages(policy: Policy, weights: Path, data: Path, work: Path, args,
     if args.qat_epochs:
         recipe = Path(args.qat_config)
         ft_dir = work / f"{rec.stem}-qat{args.qat_epochs}-{recipe.stem}"
-        minutes = timed(ft_dir, lambda: finetune(load_config(
+        made = timed(ft_dir, lambda: finetune(load_config(
             recipe, FinetuneConfig, weights=str(rec), data=str(data), epochs=args.qat_epochs, val=False,
             out=str(ft_dir), device=args.device, experiment="rsdet-compress-bench")))
-        stages.append((f"+ recover + QAT {args.qat_epochs} ep", ft_dir / "weights" / "last.pt", minutes))
+        stages.append((f"+ recover + QAT {args.qat_epochs} ep", ft_dir / "weights" / "last.pt", made))
     return stages
 
 
@@ -370,10 +388,10 @@ def main() -> None:
             out = []
             work.mkdir(parents=True, exist_ok=True)
             check_work(work, policy)
-            for stage, path, minutes in make_stages(policy, weights, data, work, args, args.ablate_least_squares):
+            for stage, path, made in make_stages(policy, weights, data, work, args, args.ablate_least_squares):
                 m, ev = score(path, evaluator)
                 ci = paired_bootstrap(ref_ev, ev, evalset.image_ids, args.bootstrap) if args.bootstrap else None
-                out.append(row(name, stage, m, minutes, ratios, ci, ref))
+                out.append(row(name, stage, m, made, ratios, ci, ref))
                 print(f"{name:24} {stage:28} mAP50 {m['map50']:.4f}  ({m['map50'] - ref['map50']:+.4f})", flush=True)
             return out
         key = {"weights": digest(weights), "data": str(data), "split": args.split, "policy": policy.to_dict(),
@@ -384,7 +402,7 @@ def main() -> None:
         rows += kept(f"rows-{work.name}{recipe}", key, policy_rows)
     header = (f"# Recovery: {weights} on the {args.split} split of {data} ({len(evalset)} images)\n\n"
               f"`python benchmarks/recovery_compare.py {' '.join(sys.argv[1:])}`  \n"
-              f"Stage minutes: wall time of the run that made the stage, on this machine"
+              f"Stage minutes: wall time of the run that made the stage, on the CPU named below the table"
               f"{'' if args.device == 'cpu' else f' (device {args.device}; compress on CPU)'}.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     boxes = box_counts(evalset)

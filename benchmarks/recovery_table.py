@@ -172,7 +172,8 @@ def main() -> None:
 
 def write_table(cfg: dict, args, echo: bool = False) -> None:
     lines = ["# Recovery: fp32 vs calibrated vs recovered vs recovered + QAT, per detector, data set and budget", "",
-             "Test split of each data set. Stage minutes: wall time on the 2-core CPU of the run that made the stage.",
+             "Test split of each data set. Stage minutes: wall time on the 2-core CPU of the run that made the stage "
+             "(the CPU named below each table; minutes compare only on one CPU).",
              f"`python benchmarks/recovery_table.py --config {Path(args.config).relative_to(HERE.parent)}`", ""]
     for spec in cfg["sections"]:
         lines += section(spec, float(cfg.get("target_points", 1.0)))

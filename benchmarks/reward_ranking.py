@@ -123,7 +123,7 @@ def main() -> None:
             return {"episode": c["episode"], "reward": {f: got[f]["map50"] for f in got},
                     "eval_seconds": {f: got[f]["eval_seconds"] for f in got},
                     "final_map50": m["map50"], "final_map50_95": m["map50_95"],
-                    "final_minutes": sum(minutes for _, _, minutes in stages),
+                    "final_minutes": sum(minutes for _, _, (minutes, _) in stages),
                     "size": s["compression_ratio"], "flops": s["flops_ratio"], "bops": s["bops_ratio"]}
         key = {"weights": digest(weights), "search": found["name"], "policy": c["policy"], "split": args.split,
                "stages": stage_settings}

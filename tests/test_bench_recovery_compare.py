@@ -46,3 +46,24 @@ def test_earlier_search_resumes_only_a_latency_search_timed_here(recovery_compar
     flops = SearchConfig(weights="w.pt", data="d.yaml", budget=["flops=0.5"])  # no latency: any machine's
     _state("flops", flops, None)
     assert recovery_compare.earlier_search(flops) == "flops"
+
+
+def test_stage_minutes_keep_the_cpu_they_ran_on(recovery_compare, tmp_path):
+    from rsdet_compress.machine import cpu_label
+    out = tmp_path / "stage.pt"
+    made = recovery_compare.timed(out, lambda: out.write_bytes(b"x"))
+    assert made[1] == cpu_label() and made[0] >= 0
+    assert recovery_compare.timed(out, lambda: pytest.fail("made twice")) == made  # reused with its CPU
+    old = tmp_path / "old.pt"
+    old.write_bytes(b"x")
+    old.with_name("old.pt.minutes").write_text("12.500\n")  # a record from before the CPU was kept
+    assert recovery_compare.timed(old, lambda: pytest.fail("made twice")) == (12.5, None)
+
+    m = {"map50": 0.5, "map50_95": 0.3, "per_class": {"plane": {"ap50": 0.5}}}
+    ones = {"size": 1.0, "flops": 1.0, "bops": 1.0}
+    rows = [recovery_compare.row("p", stage, m, made, ones, None, m)
+            for stage, made in (("calibrated", (0.4, "CPU A (avx2)")), ("+ recover", (30.0, "CPU B")),
+                                ("+ recover + QAT", (12.5, None)))]
+    md = recovery_compare.markdown(rows, "# t")
+    assert "| 0.4 (a) |" in md and "| 30.0 (b) |" in md and "| 12.5 |" in md
+    assert "(a) CPU A (avx2); (b) CPU B; unmarked: CPU not recorded." in md
