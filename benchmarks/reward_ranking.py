@@ -26,8 +26,9 @@ import json
 import sys
 from pathlib import Path
 
+from kept_search import add_search_args, cached_search
 from ledger import digest, kept
-from recovery_compare import RESULTS, WORK, add_search_args, add_stage_args, cached_search, make_stages, score
+from recovery_compare import RESULTS, WORK, add_stage_args, make_stages, score
 from scipy.stats import spearmanr
 
 from rsdet_compress.atomic import write_text

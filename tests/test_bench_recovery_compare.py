@@ -23,7 +23,8 @@ def recovery_compare(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop("ledger", None)
+    for name in ("ledger", "kept_search"):
+        sys.modules.pop(name, None)
 
 
 def _state(run_id: str, cfg: SearchConfig, machine: dict | None) -> None:
@@ -33,19 +34,20 @@ def _state(run_id: str, cfg: SearchConfig, machine: dict | None) -> None:
 
 
 def test_earlier_search_resumes_only_a_latency_search_timed_here(recovery_compare):
+    import kept_search  # the benchmark folder is on sys.path while recovery_compare is loaded
     cfg = SearchConfig(weights="w.pt", data="d.yaml", budget=["latency=0.33"], latency_runtime="onnxruntime")
     here = timing_machine(cfg)
     elsewhere = {**here, "cpu": "Other CPU (avx2)", "table": "onnxruntime-t2-0000000000.json"}
     _state("older-here", cfg, here)
     _state("newer-elsewhere", cfg, elsewhere)
     _state("newest-other-budget", SearchConfig(weights="w.pt", data="d.yaml", budget=["latency=0.5"]), here)
-    assert recovery_compare.earlier_search(cfg) == "older-here"  # the newest same-settings one of this machine
+    assert kept_search.earlier_search(cfg) == "older-here"  # the newest same-settings one of this machine
     _state("older-here", cfg, elsewhere)
-    assert recovery_compare.earlier_search(cfg) is None
+    assert kept_search.earlier_search(cfg) is None
 
     flops = SearchConfig(weights="w.pt", data="d.yaml", budget=["flops=0.5"])  # no latency: any machine's
     _state("flops", flops, None)
-    assert recovery_compare.earlier_search(flops) == "flops"
+    assert kept_search.earlier_search(flops) == "flops"
 
 
 def test_stage_minutes_keep_the_cpu_they_ran_on(recovery_compare, tmp_path):
