@@ -58,10 +58,18 @@ def command_of(stem: str) -> str | None:
     return found.group(1) if found else None
 
 
-def gather(sources: list) -> tuple[list[dict], list[str], list[str]]:
+def box_counts(stem: str) -> dict[str, int]:
+    """Test boxes per class as ``<stem>.md``'s header gives them (``AP50 bus (10 boxes)``): a class AP
+    over ten boxes moves the mean by points, so the gathered table shows them too."""
+    md = RESULTS / f"{stem}.md"
+    return {c: int(n) for c, n in re.findall(r"AP50 (\S+) \((\d+) boxes\)", md.read_text())} if md.is_file() else {}
+
+
+def gather(sources: list) -> tuple[list[dict], list[str], list[str], dict[str, int]]:
     """Rows of the ``sources`` that exist (a policy's stage once: the first file that has it), their
-    commands, and the sources not written yet (with the command that makes each, where the config has it)."""
-    rows, seen, commands, missing = [], set(), [], []
+    commands, the sources not written yet (with the command that makes each, where the config has it),
+    and the test boxes per class."""
+    rows, seen, commands, missing, boxes = [], set(), [], [], {}
     for spec in sources:
         stem, args = source(spec)
         path = RESULTS / f"{stem}.json"
@@ -69,12 +77,13 @@ def gather(sources: list) -> tuple[list[dict], list[str], list[str]]:
             missing.append(f"{stem}" + (f": `{shown(args)}`" if args else ""))
             continue
         commands.append(command_of(stem) or f"(no command recorded in {stem}.md)")
+        boxes = boxes or box_counts(stem)
         for r in json.loads(path.read_text()):
             key = (r["policy"], r["stage"])
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
-    return rows, commands, missing
+    return rows, commands, missing, boxes
 
 
 def kind(policy: str) -> str:
@@ -99,10 +108,10 @@ def finals(rows: list[dict]) -> dict[str, dict]:
 
 
 def section(spec: dict, target_points: float) -> list[str]:
-    rows, commands, missing_files = gather(spec["sources"])
+    rows, commands, missing_files, boxes = gather(spec["sources"])
     if not rows:
         return [f"## {spec['title']}", "", "Not measured yet.", "", *[f"- {m}" for m in missing_files], ""]
-    out = markdown(rows, f"## {spec['title']}").splitlines() + [""]
+    out = markdown(rows, f"## {spec['title']}", boxes).splitlines() + [""]
     best = finals(rows)
     for k, r in sorted(best.items(), key=lambda kv: -kv[1]["map50"]):
         verdict = ""
