@@ -78,7 +78,13 @@ def gather(sources: list) -> tuple[list[dict], list[str], list[str], dict[str, i
             continue
         commands.append(command_of(stem) or f"(no command recorded in {stem}.md)")
         boxes = boxes or box_counts(stem)
+        recovered = {}  # policy -> its recover stage in this file: what its QAT row started from
         for r in json.loads(path.read_text()):
+            if r["stage"].startswith("+ recover ("):
+                recovered[r["policy"]] = r["stage"]
+            elif r["stage"].startswith("+ recover + QAT") and r["policy"] in recovered:
+                # two files may QAT two recoveries of one policy (300 and 600 steps): name which one
+                r = {**r, "stage": recovered[r["policy"]] + r["stage"].removeprefix("+ recover")}
             key = (r["policy"], r["stage"])
             if key not in seen:
                 seen.add(key)
