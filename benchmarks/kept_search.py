@@ -60,7 +60,7 @@ def candidate_policies(run_id: str) -> dict[int, dict]:
 def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -> dict:
     """One search at ``budget``: its best policy and in-budget candidates, kept in the ledger.
 
-    Shared by this benchmark and reward_ranking.py, so the ranking reuses the search whose best
+    Shared by recovery_compare.py and reward_ranking.py, so the ranking reuses the search whose best
     policy fills this table (same agent, budget, episodes, reward form and seed).
     """
     tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
