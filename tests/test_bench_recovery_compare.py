@@ -17,14 +17,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
-def recovery_compare(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # its sibling `ledger`
-    spec = importlib.util.spec_from_file_location("bench_recovery_compare", BENCH / "recovery_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    for name in ("ledger", "kept_search"):
-        sys.modules.pop(name, None)
+def bench(monkeypatch):
+    """recovery_compare and the sibling scripts it imports by bare name, registered for the test only."""
+    modules = {}
+    for name in ("ledger", "kept_search", "recovery_compare"):
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, modules[name])  # removed again after the test
+        spec.loader.exec_module(modules[name])
+    return modules
 
 
 def _state(run_id: str, cfg: SearchConfig, machine: dict | None) -> None:
@@ -33,8 +34,8 @@ def _state(run_id: str, cfg: SearchConfig, machine: dict | None) -> None:
     time.sleep(0.02)  # newest first is by modification time
 
 
-def test_earlier_search_resumes_only_a_latency_search_timed_here(recovery_compare):
-    import kept_search  # the benchmark folder is on sys.path while recovery_compare is loaded
+def test_earlier_search_resumes_only_a_latency_search_timed_here(bench):
+    kept_search = bench["kept_search"]
     cfg = SearchConfig(weights="w.pt", data="d.yaml", budget=["latency=0.33"], latency_runtime="onnxruntime")
     here = timing_machine(cfg)
     elsewhere = {**here, "cpu": "Other CPU (avx2)", "table": "onnxruntime-t2-0000000000.json"}
@@ -50,7 +51,8 @@ def test_earlier_search_resumes_only_a_latency_search_timed_here(recovery_compar
     assert kept_search.earlier_search(flops) == "flops"
 
 
-def test_stage_minutes_keep_the_cpu_they_ran_on(recovery_compare, tmp_path):
+def test_stage_minutes_keep_the_cpu_they_ran_on(bench, tmp_path):
+    recovery_compare = bench["recovery_compare"]
     from rsdet_compress.machine import cpu_label
     out = tmp_path / "stage.pt"
     made = recovery_compare.timed(out, lambda: out.write_bytes(b"x"))
