@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from clitools import run_error
 from PIL import Image
+from rawdata import copy_airbus, copy_kit, write_airbus_csv
 
 from rsdet_compress.cli.main import main
 from rsdet_compress.data.imageio import CorruptImage, image_size, read_image
@@ -49,37 +50,8 @@ def assert_no_output(parent: Path, name: str) -> None:
 
 
 def kit(dst: Path, kit_dir: Path, names=("MOS155",), layout: dict[str, str] | None = None) -> Path:
-    """Real KIT images + labels + classes.txt; ``layout`` maps a source name to 'sub/newname'."""
-    (dst / "images").mkdir(parents=True)
-    (dst / "labels").mkdir()
-    shutil.copy(kit_dir / "classes.txt", dst / "classes.txt")
-    for n in names:
-        rel = (layout or {}).get(n, n)
-        (dst / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dst / "labels" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(kit_dir / "images" / f"{n}.png", dst / "images" / f"{rel}.png")
-        shutil.copy(kit_dir / "labels" / f"{n}.txt", dst / "labels" / f"{rel}.txt")
-    return dst
-
-
-def airbus(dst: Path, airbus_dir: Path, n: int = 2) -> tuple[Path, list[dict]]:
-    """The first ``n`` real Airbus scenes and only their CSV rows."""
-    with (airbus_dir / "annotations.csv").open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    names = sorted({r["image_id"] for r in rows})[:n]
-    (dst / "train").mkdir(parents=True)
-    for name in names:
-        shutil.copy(next(airbus_dir.rglob(name)), dst / "train" / name)
-    rows = [r for r in rows if r["image_id"] in names]
-    write_csv(dst / "annotations.csv", rows)
-    return dst, rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "image_id", "geometry", "class"])
-        w.writeheader()
-        w.writerows(rows)
+    """Real KIT images + labels + classes.txt (one scene unless told); ``layout`` renames or nests them."""
+    return copy_kit(kit_dir, dst, names, layout)
 
 
 def prep(fmt: str, src: Path, out: Path, *extra) -> list:
@@ -180,7 +152,7 @@ def test_exif_rotated_jpeg_keeps_its_boxes(capsys, kit_dir, tmp_path):
 # ---------------------------------------------------------------- 4. truncated images
 
 def test_truncated_jpeg_is_corrupt_not_grey_chips(capsys, airbus_dir, tmp_path):
-    src, rows = airbus(tmp_path / "airbus", airbus_dir, n=3)
+    src, rows = copy_airbus(airbus_dir, tmp_path / "airbus", n=3)
     victim = sorted((src / "train").iterdir())[1]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) * 3 // 4])
@@ -203,7 +175,7 @@ def test_truncated_jpeg_is_corrupt_not_grey_chips(capsys, airbus_dir, tmp_path):
 def test_image_truncated_after_reading_is_counted_while_tiling(capsys, airbus_dir, tmp_path, monkeypatch):
     """The same budget holds for an image that breaks between the reader's check and the tiling."""
     import rsdet_compress.data.prepare as prepare_module
-    src, _ = airbus(tmp_path / "airbus", airbus_dir, n=3)
+    src, _ = copy_airbus(airbus_dir, tmp_path / "airbus", n=3)
     victim = sorted((src / "train").iterdir())[0]
     real = prepare_module._read_image
 
@@ -262,11 +234,11 @@ def test_yolo_pixel_coordinates_refused(capsys, kit_dir, tmp_path):
 
 
 def test_every_box_dropped_is_an_error(capsys, airbus_dir, tmp_path):
-    src, rows = airbus(tmp_path / "airbus", airbus_dir, n=1)
+    src, rows = copy_airbus(airbus_dir, tmp_path / "airbus", n=1)
     for r in rows:  # boxes 3000 px to the right of a 2560 px scene: all out of the image
         r["geometry"] = "[" + ", ".join(f"({int(x) + 3000}, {y})" for x, y in
                                         (p.split(",") for p in r["geometry"][2:-2].split("), ("))) + "]"
-    write_csv(src / "annotations.csv", rows)
+    write_airbus_csv(src / "annotations.csv", rows)
     run_error(capsys, prep("airbus", src, tmp_path / "out", *ALL_TRAIN), "no box", "out-of-image")
     assert_no_output(tmp_path, "out")
 
@@ -372,7 +344,7 @@ def test_coco_wrong_types(capsys, kit_dir, tmp_path, case):
 
 
 def test_non_utf8_text_files(capsys, kit_dir, airbus_dir, tmp_path):
-    src, rows = airbus(tmp_path / "airbus", airbus_dir, n=1)
+    src, rows = copy_airbus(airbus_dir, tmp_path / "airbus", n=1)
     rows[2]["class"] = "Avión"
     with (src / "annotations.csv").open("w", newline="", encoding="latin-1") as f:
         w = csv.DictWriter(f, fieldnames=["id", "image_id", "geometry", "class"])

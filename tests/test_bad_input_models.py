@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clitools import copy_kit, run_error
+from clitools import run_error
+from rawdata import copy_kit
 
 from rsdet_compress.cli.main import main
 

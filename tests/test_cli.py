@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from clitools import KIT_IMAGES, copy_kit, run_error
+from clitools import run_error
+from rawdata import KIT_IMAGES, copy_kit
 
 from rsdet_compress.cli.main import main
 
