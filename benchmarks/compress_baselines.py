@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -137,7 +138,7 @@ def main() -> int:
     torch.manual_seed(0)
     rows = [r for model in args.models.split(",") for r in bench_model(model, data_yaml, args.split,
                                                                          args.calib_images)]
-    command = "python " + " ".join(["benchmarks/compress_baselines.py", *sys.argv[1:]])
+    command = "python " + shlex.join(["benchmarks/compress_baselines.py", *sys.argv[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compress_baselines.json").write_text(json.dumps(rows, indent=2))
     md = _markdown(rows, command, args.split, args.calib_images)

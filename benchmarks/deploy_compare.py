@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def run(model: str, data_yaml: Path, args) -> list[dict]:
                        "map50_drop": fp32["map50"] - after["map50"] <= TARGETS["max_map50_drop"],
                        "ort_speedup": min(comp["speedup_b1"], comp["speedup_b8"]) >= TARGETS["ort_speedup"]}
     comp["policy"] = str(policy_path)
-    command = "python " + " ".join(["benchmarks/deploy_compare.py", *sys.argv[1:]])
+    command = "python " + shlex.join(["benchmarks/deploy_compare.py", *sys.argv[1:]])
     return [{**r, "command": command} for r in (base, nofit, comp)]
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -307,7 +308,7 @@ def main() -> None:
         recipe = "" if (args.images, args.iters) == default else f"-i{args.images}-s{args.iters}"
         rows += kept(f"rows-{work.name}{recipe}", key, policy_rows)
     header = (f"# Recovery: {weights} on the {args.split} split of {data} ({len(evalset)} images)\n\n"
-              f"`python benchmarks/recovery_compare.py {' '.join(sys.argv[1:])}`  \n"
+              f"`python benchmarks/recovery_compare.py {shlex.join(sys.argv[1:])}`  \n"
               f"Stage minutes: wall time of the run that made the stage, on the CPU named below the table"
               f"{'' if args.device == 'cpu' else f' (device {args.device}; compress on CPU)'}.")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -172,7 +173,7 @@ def main() -> None:
     cols = ["row", *[f"calibrated {s}" for s in SPLITS], *[f"recovered {s}" for s in SPLITS], "fit chips",
             "FLOPs x", "s"]
     out = [f"# Recovery limits: {args.policy}\n",
-           f"`python benchmarks/recovery_limits.py {' '.join(sys.argv[1:])}`  ",
+           f"`python benchmarks/recovery_limits.py {shlex.join(sys.argv[1:])}`  ",
            f"mAP50. Variants: compressed with {args.images} training chips, then {args.iters} recovery steps per "
            f"layer on them. fp32: val {ref['val']:.4f}, test {ref['test']:.4f}.", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def main() -> None:
     stage = f"recover ({args.images} chips, {args.iters} steps)" + (
         f" + QAT {args.qat_epochs} ep ({args.qat_config})" if args.qat_epochs else "")
     header = (f"# Reward ranking: {args.agent} search at {budget}, {len(rows)} of its candidates\n\n"
-              f"`python benchmarks/reward_ranking.py {' '.join(sys.argv[1:])}`  \n"
+              f"`python benchmarks/reward_ranking.py {shlex.join(sys.argv[1:])}`  \n"
               f"Final mAP50: {args.split} split of {data}, after {stage}. Rewards: the search's training chips.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_text(RESULTS / f"{args.out}.md", markdown(rows, summary, header))

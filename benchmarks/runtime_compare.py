@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -270,8 +271,7 @@ def main() -> None:
                      "mb": size / 1e6, "latency": lat})
         print(f"{name:45} {runtime:11} mAP50 {m['map50']:.4f}  b1 {lat[str(batches[0])]['median_ms']:.2f} ms",
               flush=True)
-    command = "python benchmarks/runtime_compare.py " + " ".join(
-        f'"{a}"' if " " in a else a for a in sys.argv[1:])
+    command = "python benchmarks/runtime_compare.py " + shlex.join(sys.argv[1:])
     header = (f"# Runtimes: fp32, peer int8 and ours on {args.split} of {args.data}\n\n"
               f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, onnxruntime {info['onnxruntime']}, "
               f"openvino {info.get('openvino')}; {args.runs} runs per row after 5 warm-up, in {cfg.rounds} passes "

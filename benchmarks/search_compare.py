@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def main() -> int:
             old = [_with_defaults(r) for r in old if "command" not in r]
             done = {_row_key(r) for r in rows}
             table = [r for r in old if _row_key(r) not in done] + rows
-            command = "python " + " ".join(["benchmarks/search_compare.py", *sys.argv[1:]])
+            command = "python " + shlex.join(["benchmarks/search_compare.py", *sys.argv[1:]])
             cmds = [c for c in commands if c["command"] != command] + [{"command": command}]
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / "search_compare.json").write_text(json.dumps(table + cmds, indent=2))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def markdown(rows: list[dict], args, cpu: str) -> str:
                      f"{r['candidates']} | {r['map50_mean']:.4f} | {r['map50_q1']:.4f} | {r['map50_median']:.4f} | "
                      f"{r['map50_q3']:.4f} | {r['map50_best']:.4f} | {'' if p is None else f'{p:.2f}'} | "
                      f"{r['load_before']} |")
-    lines += ["", "Command: `python benchmarks/search_workers.py " + " ".join(sys.argv[1:]) + "`", ""]
+    lines += ["", "Command: `python benchmarks/search_workers.py " + shlex.join(sys.argv[1:]) + "`", ""]
     return "\n".join(lines)
 
 

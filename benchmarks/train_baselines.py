@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -138,7 +139,7 @@ def main() -> int:
         weights = out / "weights" / "best.pt"
         rows.append(_row(model, result, weights, data_yaml))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(["benchmarks/train_baselines.py", *sys.argv[1:]])
+    command = "python " + shlex.join(["benchmarks/train_baselines.py", *sys.argv[1:]])
     stem = "baselines" if args.dataset == "airbus" else f"baselines_{args.dataset}"
     rows = _merge(RESULTS / f"{stem}.json", rows)
     write_json(RESULTS / f"{stem}.json", rows)

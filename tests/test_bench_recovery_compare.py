@@ -1,14 +1,17 @@
-"""recovery_compare's search reuse: a search cut short continues, but never one timed on another CPU."""
+"""recovery_compare's search reuse (a search cut short continues, but never one timed on another CPU), and the
+commands the recovery table shows."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rsdet_compress.search.runner import SearchConfig, timing_machine
 from rsdet_compress.search.statefile import save_state
@@ -20,7 +23,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def bench(monkeypatch):
     """recovery_compare and the sibling scripts it imports by bare name, registered for the test only."""
     modules = {}
-    for name in ("ledger", "kept_search", "recovery_compare"):
+    for name in ("ledger", "kept_search", "recovery_compare", "recovery_table"):
         spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         modules[name] = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, name, modules[name])  # removed again after the test
@@ -71,3 +74,20 @@ def test_stage_minutes_keep_the_cpu_they_ran_on(bench, tmp_path):
     md = recovery_compare.markdown(rows, "# t")
     assert "| 0.4 (a) |" in md and "| 30.0 (b) |" in md and "| 12.5 |" in md
     assert "(a) CPU A (avx2); (b) CPU B; unmarked: CPU not recorded." in md
+
+
+def test_each_results_file_records_the_command_its_table_config_gives(bench):
+    """A results file's recorded command, split as a shell would, is the config's: a reader's copy-paste and
+    ``--run-missing`` make the same rows (an empty ``--searches ""`` printed unquoted once made another)."""
+    recovery_table = bench["recovery_table"]
+    config = yaml.safe_load((BENCH / "recovery_table.yaml").read_text())
+    checked = 0
+    for section in config["sections"]:
+        for spec in section["sources"]:
+            stem, args = recovery_table.source(spec)
+            command = recovery_table.command_of(stem)
+            if command is None or args is None:
+                continue
+            assert shlex.split(command)[2:] == args, stem
+            checked += 1
+    assert checked >= 8  # the committed results files, not a vacuous pass
