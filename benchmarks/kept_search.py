@@ -18,7 +18,7 @@ from ledger import digest, kept
 
 from rsdet_compress.machine import cpu_label
 from rsdet_compress.runtime.latency_table import RUNTIMES
-from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.budget import STAGE_SPLITS, Budget
 from rsdet_compress.search.logbook import Logbook
 from rsdet_compress.search.runner import LEGACY_SETTINGS, SearchConfig, search, timing_machine
 from rsdet_compress.search.statefile import load_state
@@ -66,13 +66,16 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
     tag = "-".join(f"{n}{v:g}" for n, v in budget.limits)
     latency = {"latency_runtime": args.latency_runtime} if "latency" in budget.as_dict() else {}
     tag += f"-{args.latency_runtime}" if latency else ""
+    # the split is two-stage's alone: the other agents keep its legacy value, which stays out of their keys
+    split = args.stage_split if agent == "two-stage" else LEGACY_SETTINGS["stage_split"]
     name = (f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}"
-            f"-r{args.recover_iters}-s{args.seed}{'-u' if args.uniform_start else ''}{gpu_suffix(args)}")
+            f"-r{args.recover_iters}-s{args.seed}{'-u' if args.uniform_start else ''}"
+            f"{'' if split == LEGACY_SETTINGS['stage_split'] else f'-split{split}'}{gpu_suffix(args)}")
     cfg = SearchConfig(weights=str(weights), data=str(data), agent=agent, episodes=args.episodes,
                        budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
                        recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
                        seed=args.seed, device=args.device, experiment="rsdet-compress-bench",
-                       uniform_start=args.uniform_start, **latency)
+                       uniform_start=args.uniform_start, stage_split=split, **latency)
     # a legacy setting at its legacy value stays out of the key, so records made before it existed still match
     settings = {k: v for k, v in asdict(cfg).items() if LEGACY_SETTINGS.get(k, object()) != v}
 
@@ -110,5 +113,8 @@ def add_search_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--uniform-start", action="store_true",
                     help="the agents' first candidate is uniform 8-bit pruning at the budget (search's default; off "
                          "here so the ledgered searches made before it are reused)")
+    ap.add_argument("--stage-split", default=LEGACY_SETTINGS["stage_split"], choices=STAGE_SPLITS,
+                    help="two-stage only: its pruning stage's share of the budget (search's default: bits; half "
+                         "here so the ledgered two-stage searches made before it are reused)")
     ap.add_argument("--latency-runtime", default="openvino", choices=RUNTIMES,
                     help="with a latency budget: the runtime it is measured on (the one our int8 export wins on)")

@@ -273,7 +273,9 @@ def main() -> None:
         budget = Budget.parse(args.budget.split(","))
         for agent in filter(None, args.searches.split(",")):
             found = cached_search(agent, weights, data, budget, args)
-            start = " (uniform start)" if args.uniform_start else ""
+            notes = [n for n, on in (("uniform start", args.uniform_start),
+                                     ("bits split", agent == "two-stage" and args.stage_split == "bits")) if on]
+            start = f" ({', '.join(notes)})" if notes else ""
             policies.append((f"{agent}{start} @ {args.budget}", Policy.from_dict(found["best_policy"])))
         cost = budget_cost(ws, budget, args) if args.uniform_bits else estimate
         for bits in args.uniform_bits:

@@ -98,7 +98,10 @@ def kind(policy: str) -> str:
     if name.startswith("uniform"):
         bits = re.match(r"uniform (w\d+a\d+)", name)
         return f"uniform {bits.group(1)}" if bits else "uniform"
-    return name.split(" ")[0]
+    agent = name.split(" ")[0]
+    if agent == "two-stage" and "bits split" not in name:  # its stages' budgets as --stage-split half shares them
+        return "two-stage (half split)"
+    return agent
 
 
 def finals(rows: list[dict]) -> dict[str, dict]:

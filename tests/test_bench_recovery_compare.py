@@ -91,3 +91,34 @@ def test_each_results_file_records_the_command_its_table_config_gives(bench):
             assert shlex.split(command)[2:] == args, stem
             checked += 1
     assert checked >= 8  # the committed results files, not a vacuous pass
+
+
+def test_two_stage_split_keeps_the_ledgered_searches_made_before_it(bench, tmp_path, monkeypatch):
+    """The benchmarks' default split is the one the ledgered two-stage searches were made with, so their keys
+    stay as they were; the bits split is a record of its own, and the other agents' keys never carry it."""
+    import argparse
+    kept_search = bench["kept_search"]
+    recorded = {}
+    monkeypatch.setattr(kept_search, "kept", lambda name, key, make: recorded.setdefault(name, key))
+    weights = tmp_path / "yolov8n" / "weights" / "best.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"float weights")
+    ap = argparse.ArgumentParser()
+    kept_search.add_search_args(ap)
+    budget = kept_search.Budget.parse(["bops=0.02"])
+    ap.add_argument("--device", default="cpu")  # recovery_compare's stage argument, part of every record's name
+    bits = ["--stage-split", "bits"]
+    for agent, flags in (("ajpq", bits), ("two-stage", []), ("two-stage", bits)):
+        args = ap.parse_args(["--uniform-start", *flags])
+        kept_search.cached_search(agent, weights, tmp_path / "d.yaml", budget, args)
+    assert sorted(recorded) == ["yolov8n-search-ajpq-bops0.02-e24-fast-r5-s0-u",
+                                "yolov8n-search-two-stage-bops0.02-e24-fast-r5-s0-u",
+                                "yolov8n-search-two-stage-bops0.02-e24-fast-r5-s0-u-splitbits"]
+    settings = {name: key["search"] for name, key in recorded.items()}
+    assert "stage_split" not in settings["yolov8n-search-ajpq-bops0.02-e24-fast-r5-s0-u"]
+    assert "stage_split" not in settings["yolov8n-search-two-stage-bops0.02-e24-fast-r5-s0-u"]
+    assert settings["yolov8n-search-two-stage-bops0.02-e24-fast-r5-s0-u-splitbits"]["stage_split"] == "bits"
+    kind = bench["recovery_table"].kind
+    assert kind("two-stage (uniform start, bits split) @ bops=0.02") == "two-stage"
+    assert kind("two-stage (uniform start) @ bops=0.02") == "two-stage (half split)"
+    assert kind("ajpq (uniform start) @ bops=0.02") == "ajpq"

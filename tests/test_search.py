@@ -105,6 +105,7 @@ def test_bad_input_fails_fast(trained_yolov8n: Path, small_airbus: Path, tmp_pat
         (["--budget", "speed=2"], "budget"),
         (["--recover", "slow"], "unknown --recover"),
         (["--recover", "fast", "--recover-iters", "0"], "--recover-iters"),
+        (["--agent", "two-stage", "--stage-split", "thirds"], "unknown --stage-split"),
     ]
     for extra, message in cases:
         capsys.readouterr()

@@ -116,6 +116,40 @@ def test_modes_prune_and_quant(view):
     assert cand.policy.groups == fixed and cand.policy.layers
 
 
+def _mean_weight_bits(policy) -> float:
+    bits = [b for spec in policy.layers.values()
+            for b in (spec["weight_bits"] if isinstance(spec["weight_bits"], list) else [spec["weight_bits"]])]
+    return float(np.mean(bits))
+
+
+@pytest.mark.parametrize("split", ["bits", "half"])
+def test_two_stage_split_leaves_the_quantization_stage_a_choice(view, split):
+    """Two-stage at bops=0.02: its pruning stage's share, then the most expensive quantization of that structure."""
+    budget = Budget.parse(["bops=0.02"])
+    share = budget.pruning_stage(split, act_bits=8)
+    prune = CompressEnv(view, importance_scores(view, "l1"), share, lambda p: {"map50": 0.5, "map50_95": 0.3},
+                        accuracy, config=EnvConfig(mode="prune"))
+    pruned = _run(prune, lambda t: np.array([0.0, 1.0, 0.0]))[2]  # the least pruning the stage's share allows
+    assert pruned.meets_budget and not pruned.policy.layers
+    quant = _env(view, ["bops=0.02"], EnvConfig(mode="quant", fixed_groups=pruned.policy.groups))
+    most = _run(quant, lambda t: np.array([0.0, 1.0, 1.0]))[2]  # the most bits the budget lets it keep
+    assert most.meets_budget and most.policy.groups == pruned.policy.groups
+    if split == "bits":  # pruning took only what w4a8 cannot: 8-bit weights everywhere would break the budget
+        assert share.as_dict()["bops"] == pytest.approx(0.64)
+        assert _mean_weight_bits(most.policy) < 8
+    else:  # pruning took half of 50x in log space: all-8-bit is inside the budget, the bits are no choice
+        assert _mean_weight_bits(most.policy) == 8
+
+
+def test_two_stage_split_of_each_metric():
+    a = Budget.parse(["size=0.125", "flops=0.5"]).pruning_stage("bits", act_bits=8).as_dict()
+    assert a == pytest.approx({"flops": 0.5, "size": 1.0})  # FLOPs are pruning's alone; w4 makes weights 8x smaller
+    assert Budget.parse(["latency=0.25"]).pruning_stage("bits", 8).as_dict() == pytest.approx({"latency": 0.5})
+    assert Budget.parse(["bops=0.02"]).pruning_stage("bits", 4).as_dict() == pytest.approx({"bops": 1.0})
+    with pytest.raises(UserError, match="stage split"):
+        Budget.parse(["bops=0.02"]).pruning_stage("thirds", 8)
+
+
 def test_impossible_budget_is_refused_before_any_evaluation(view):
     seen = []
     with pytest.raises(UserError, match="impossible"):

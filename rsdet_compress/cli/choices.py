@@ -54,3 +54,8 @@ def recovery() -> tuple[str, ...]:
 def latency_runtimes() -> tuple[str, ...]:
     from rsdet_compress.runtime.latency_table import RUNTIMES
     return RUNTIMES
+
+
+def stage_splits() -> tuple[str, ...]:
+    from rsdet_compress.search.budget import STAGE_SPLITS
+    return STAGE_SPLITS

@@ -20,7 +20,7 @@ def add_search(p: argparse.ArgumentParser) -> None:
     add_config_args(p, SearchConfig,
                     choices={"agent": choices.agents, "reward": choices.rewards, "metric": choices.metrics,
                              "criterion": choices.criteria, "recover": choices.recovery,
-                             "latency_runtime": choices.latency_runtimes},
+                             "latency_runtime": choices.latency_runtimes, "stage_split": choices.stage_splits},
                     extra={"budget": {"action": "append", "type": None, "metavar": "NAME=FRACTION", "help": ChoicesHelp(
                         "NAME=FRACTION of the float model, NAME one of %(choices)s (repeatable), e.g. "
                         "--budget size=0.125 --budget bops=0.02", choices.budget_metrics)}})

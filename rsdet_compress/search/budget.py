@@ -9,12 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rsdet_compress.compress.cost import Cost
+from rsdet_compress.compress.quant import FLOAT_BITS
 from rsdet_compress.errors import UserError
 
 #: budget name -> Cost attribute it bounds (and the per-layer key of ``Cost.per_layer``). ``latency`` is the
 #: float model's latency on this machine's runtime, predicted from a measured table (search.latency_cost).
 METRICS = {"size": "weight_bits", "bops": "bops", "flops": "flops", "latency": "latency_ms"}
 PER_LAYER = {"size": "weight_bits", "bops": "bops", "flops": "macs", "latency": "latency_ms"}
+#: how the two-stage search shares a budget between its pruning and its quantization stage
+#: (:meth:`Budget.pruning_stage`); ``bits`` first, the default
+STAGE_SPLITS = ("bits", "half")
+#: weight bits the ``bits`` split expects the quantization stage to reach: the middle of the agents' 2-8-bit range
+#: in log space, and the w4a8 of the uniform baseline every table compares against
+STAGE_WEIGHT_BITS = 4
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,27 @@ class Budget:
         return all(getattr(cost, METRICS[n]) <= lim * getattr(ref, METRICS[n]) for n, lim in self.limits)
 
     def scaled(self, power: float) -> Budget:
-        """Each fraction to ``power`` (two-stage search: ``0.5`` gives pruning half the compression in log space)."""
+        """Each fraction to ``power`` (``0.5``: half the compression in log space)."""
         return Budget(tuple((n, lim ** power) for n, lim in self.limits))
+
+    def pruning_stage(self, split: str, act_bits: int) -> Budget:
+        """The budget of the two-stage search's first stage, which prunes with float weights.
+
+        ``bits``: each limit times what quantization alone to :data:`STAGE_WEIGHT_BITS`-bit weights and
+        ``act_bits``-bit activations gives (size 8x, BOPs 32x at a8, FLOPs nothing), so pruning takes
+        only what quantization cannot: the classic prune-to-FLOPs, then quantize-to-size pipeline, and at
+        ``bops=0.02`` a 1.6x FLOPs cut that the second stage's bit choice completes. Latency has no fixed
+        bit ratio (int8 kernels gain per layer what they gain): half of it in log space.
+        ``half``: half of every metric's compression in log space; at ``bops=0.02`` pruning alone must cut
+        7x, and quantization at 8 bits then overshoots the budget whatever the second stage chooses.
+        """
+        if split == "half":
+            return self.scaled(0.5)
+        if split != "bits":
+            raise UserError(f"unknown stage split {split!r}; choose one of {', '.join(STAGE_SPLITS)}")
+        weights = FLOAT_BITS / STAGE_WEIGHT_BITS
+        gain = {"size": weights, "bops": weights * FLOAT_BITS / act_bits, "flops": 1.0}
+        return Budget(tuple((n, min(1.0, lim * gain[n]) if n in gain else lim ** 0.5) for n, lim in self.limits))
 
     def __str__(self) -> str:
         return ", ".join(f"{n} <= {lim:.4g} ({1 / lim:.3g}x smaller)" for n, lim in self.limits)

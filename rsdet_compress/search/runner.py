@@ -27,7 +27,7 @@ from rsdet_compress.detectors.checkpoint import check_classes
 from rsdet_compress.errors import UserError
 from rsdet_compress.machine import cpu_label
 from rsdet_compress.runtime.latency_table import RUNTIMES, LatencyTable, table_path
-from rsdet_compress.search.budget import Budget
+from rsdet_compress.search.budget import STAGE_SPLITS, Budget
 from rsdet_compress.search.env import CompressEnv, EnvConfig
 from rsdet_compress.search.evaluation import RECOVERY, build_evaluator
 from rsdet_compress.search.latency_cost import LatencyCost
@@ -100,13 +100,16 @@ class SearchConfig:
     #: candidates evaluated at once, each by a Ray worker (1: in this process, exactly the sequential search;
     #: the agents then learn after each batch of this many)
     workers: int = 1
+    #: two-stage only: how its pruning stage's budget is taken from the whole (search.budget.STAGE_SPLITS); "bits":
+    #: pruning cuts what quantization to w4 cannot, so at bops=0.02 both stages have a share to choose
+    stage_split: str = "bits"
     #: Ray cluster to run the workers on ("auto": the one `ray start` made here, HOST:PORT: a head node;
     #: None: a local one started for this search, on 127.0.0.1)
     ray_address: str | None = None
 
 
 #: settings added after search checkpoints were first written, at the value that reproduces those checkpoints
-LEGACY_SETTINGS = {"uniform_start": False}
+LEGACY_SETTINGS = {"uniform_start": False, "stage_split": "half"}
 
 
 @dataclass
@@ -145,6 +148,8 @@ def _check(cfg: SearchConfig) -> Budget:
         raise UserError(f"--channel-multiple must be >= 1, not {cfg.channel_multiple}")
     if cfg.latency_runtime not in RUNTIMES:
         raise UserError(f"unknown --latency-runtime {cfg.latency_runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if cfg.stage_split not in STAGE_SPLITS:
+        raise UserError(f"unknown --stage-split {cfg.stage_split!r}; choose one of {', '.join(STAGE_SPLITS)}")
     if cfg.latency_threads is not None and cfg.latency_threads < 1:
         raise UserError(f"--latency-threads must be >= 1, got {cfg.latency_threads}")
     if not cfg.weights or not Path(cfg.weights).is_file():
@@ -214,7 +219,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     cost_fn = latency_cost(ws, cfg) if "latency" in budget.as_dict() else estimate
 
     def make_env(env_cfg: EnvConfig, which) -> CompressEnv:
-        b = budget.scaled(0.5) if which == "half" else budget
+        b = budget.pruning_stage(cfg.stage_split, cfg.act_bits) if which == "prune" else budget
         return CompressEnv(ws.view, scores, b, evaluator, reward_fn, cfg.metric, env_cfg, cfg.criterion, cost_fn)
 
     env_cfg = EnvConfig(act_bits=cfg.act_bits, max_sparsity=cfg.max_sparsity, channel_multiple=cfg.channel_multiple)

@@ -14,8 +14,9 @@ make a searcher resumable after a crash. Registry: ``SEARCHERS``.
 * ``random``: random actions (uniform bits, sparsity scaled by a per-episode strength; block skips) through the same
   environment, so every candidate meets the same budget.
 * ``two-stage``: first half of the episodes searches pruning only (float
-  weights, half the compression in log space), the second half searches
-  bit-widths on the best pruned structure under the full budget.
+  weights, under the share of the budget that ``--stage-split`` gives it:
+  ``Budget.pruning_stage``), the second half searches bit-widths on the best
+  pruned structure under the full budget.
 * ``uniform``: uniform 8/6/5/4/3/2-bit weights, no pruning (at most 6 candidates).
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ from rsdet_compress.search.agents import AGENTS, make_agent
 from rsdet_compress.search.agents.exploration import fitted, warmup_action
 from rsdet_compress.search.env import STATE_DIM, Candidate, CompressEnv, EnvConfig
 
-EnvFactory = Callable[[EnvConfig, object], CompressEnv]  # (config, budget or None for the search's) -> env
+#: (config, "prune": the two-stage pruning stage's share of the budget; None: the whole budget) -> env
+EnvFactory = Callable[[EnvConfig, str | None], CompressEnv]
 
 
 @dataclass
@@ -194,7 +196,7 @@ class TwoStageSearcher(Searcher):
     def __init__(self, name: str, make_env: EnvFactory, episodes: int, seed: int, env_cfg: EnvConfig):
         self.name, self.make_env, self.seed, self.env_cfg = name, make_env, seed, env_cfg
         self.switch, self.episodes = max(1, episodes // 2), episodes
-        self.prune_env = make_env(EnvConfig(**{**vars(env_cfg), "mode": "prune"}), "half")
+        self.prune_env = make_env(EnvConfig(**{**vars(env_cfg), "mode": "prune"}), "prune")
         self.prune_agent = make_agent("ajpq", STATE_DIM, 0, seed, **fitted("ajpq", self.switch))
         self.best_prune: tuple[float, dict] | None = None
         self.quant_env = self.quant_agent = None
