@@ -97,12 +97,12 @@ class SearchConfig:
     #: the learning agents' first candidate is uniform pruning at 8-bit weights at the budget, so the simplest policy
     #: is always compared (search.searchers.AgentSearcher); off: a random warm-up draw, as checkpoints before it had
     uniform_start: bool = True
-    #: candidates evaluated at once, each by a Ray worker (1: in this process, exactly the sequential search;
-    #: the agents then learn after each batch of this many)
-    workers: int = 1
     #: two-stage only: how its pruning stage's budget is taken from the whole (search.budget.STAGE_SPLITS); "bits":
     #: pruning cuts what quantization to w4 cannot, so at bops=0.02 both stages have a share to choose
     stage_split: str = "bits"
+    #: candidates evaluated at once, each by a Ray worker (1: in this process, exactly the sequential search;
+    #: the agents then learn after each batch of this many)
+    workers: int = 1
     #: Ray cluster to run the workers on ("auto": the one `ray start` made here, HOST:PORT: a head node;
     #: None: a local one started for this search, on 127.0.0.1)
     ray_address: str | None = None
