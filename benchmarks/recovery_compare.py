@@ -202,6 +202,9 @@ def markdown(rows: list[dict], header: str, boxes: dict[str, int] | None = None)
                 + ("; unmarked: CPU not recorded" if unmarked else "") + "."]
     return "\n".join(out) + "\n"
 
+#: the note a two-stage row's policy name carries when its search used --stage-split bits (recovery_table's kinds)
+BITS_SPLIT = "bits split"
+
 
 def check_work(work: Path, policy: Policy) -> None:
     """Stage files in ``work`` are reused by path: refuse a folder whose stages were made from another policy."""
@@ -274,7 +277,7 @@ def main() -> None:
         for agent in filter(None, args.searches.split(",")):
             found = cached_search(agent, weights, data, budget, args)
             notes = [n for n, on in (("uniform start", args.uniform_start),
-                                     ("bits split", agent == "two-stage" and args.stage_split == "bits")) if on]
+                                     (BITS_SPLIT, agent == "two-stage" and args.stage_split == "bits")) if on]
             start = f" ({', '.join(notes)})" if notes else ""
             policies.append((f"{agent}{start} @ {args.budget}", Policy.from_dict(found["best_policy"])))
         cost = budget_cost(ws, budget, args) if args.uniform_bits else estimate

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from recovery_compare import markdown
+from recovery_compare import BITS_SPLIT, markdown
 
 from rsdet_compress.atomic import write_text
 
@@ -99,7 +99,7 @@ def kind(policy: str) -> str:
         bits = re.match(r"uniform (w\d+a\d+)", name)
         return f"uniform {bits.group(1)}" if bits else "uniform"
     agent = name.split(" ")[0]
-    if agent == "two-stage" and "bits split" not in name:  # its stages' budgets as --stage-split half shares them
+    if agent == "two-stage" and BITS_SPLIT not in name:  # its stages' budgets as --stage-split half shares them
         return "two-stage (half split)"
     return agent
 
