@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -70,12 +71,14 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
     split = args.stage_split if agent == "two-stage" else LEGACY_SETTINGS["stage_split"]
     name = (f"{weights.parent.parent.name}-search-{agent}-{tag}-e{args.episodes}-{args.search_recover}"
             f"-r{args.recover_iters}-s{args.seed}{'-u' if args.uniform_start else ''}"
-            f"{'' if split == LEGACY_SETTINGS['stage_split'] else f'-split{split}'}{gpu_suffix(args)}")
+            f"{'' if split == LEGACY_SETTINGS['stage_split'] else f'-split{split}'}{unprunable_suffix(args)}"
+            f"{gpu_suffix(args)}")
     cfg = SearchConfig(weights=str(weights), data=str(data), agent=agent, episodes=args.episodes,
                        budget=[f"{n}={v}" for n, v in budget.limits], recover=args.search_recover,
                        recover_iters=args.recover_iters, channel_multiple=args.channel_multiple,
                        seed=args.seed, device=args.device, experiment="rsdet-compress-bench",
-                       uniform_start=args.uniform_start, stage_split=split, **latency)
+                       uniform_start=args.uniform_start, stage_split=split, unprunable=list(args.unprunable),
+                       **latency)
     # a legacy setting at its legacy value stays out of the key, so records made before it existed still match
     settings = {k: v for k, v in asdict(cfg).items() if LEGACY_SETTINGS.get(k, object()) != v}
 
@@ -98,6 +101,13 @@ def cached_search(agent: str, weights: Path, data: Path, budget: Budget, args) -
     return kept(name, key, run)
 
 
+def unprunable_suffix(args) -> str:
+    """``-keep-<patterns>`` for searches that kept some layers' channels whole (file-name safe)."""
+    if not args.unprunable:
+        return ""
+    return "-keep-" + re.sub(r"[^A-Za-z0-9]+", "_", "+".join(args.unprunable)).strip("_")
+
+
 def gpu_suffix(args) -> str:
     """``-gpu`` for work folders made on a GPU: their stage minutes are not this CPU's."""
     return "" if args.device == "cpu" else "-gpu"
@@ -116,5 +126,7 @@ def add_search_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--stage-split", default=LEGACY_SETTINGS["stage_split"], choices=STAGE_SPLITS,
                     help="two-stage only: its pruning stage's share of the budget (search's default: bits; half "
                          "here so the ledgered two-stage searches made before it are reused)")
+    ap.add_argument("--unprunable", action="append", default=[], metavar="REGEX",
+                    help="conv layers whose output channels the searches never prune (search --unprunable)")
     ap.add_argument("--latency-runtime", default="openvino", choices=RUNTIMES,
                     help="with a latency budget: the runtime it is measured on (the one our int8 export wins on)")

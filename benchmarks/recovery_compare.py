@@ -277,7 +277,8 @@ def main() -> None:
         for agent in filter(None, args.searches.split(",")):
             found = cached_search(agent, weights, data, budget, args)
             notes = [n for n, on in (("uniform start", args.uniform_start),
-                                     (BITS_SPLIT, agent == "two-stage" and args.stage_split == "bits")) if on]
+                                     (BITS_SPLIT, agent == "two-stage" and args.stage_split == "bits"),
+                                     (f"unpruned {'|'.join(args.unprunable)}", bool(args.unprunable))) if on]
             start = f" ({', '.join(notes)})" if notes else ""
             policies.append((f"{agent}{start} @ {args.budget}", Policy.from_dict(found["best_policy"])))
         cost = budget_cost(ws, budget, args) if args.uniform_bits else estimate

@@ -106,6 +106,8 @@ def test_bad_input_fails_fast(trained_yolov8n: Path, small_airbus: Path, tmp_pat
         (["--recover", "slow"], "unknown --recover"),
         (["--recover", "fast", "--recover-iters", "0"], "--recover-iters"),
         (["--agent", "two-stage", "--stage-split", "thirds"], "unknown --stage-split"),
+        (["--unprunable", "model.(("], "--unprunable 'model.((': not a regular expression"),
+        (["--unprunable", "model\\.99\\."], "matches no conv layer"),
     ]
     for extra, message in cases:
         capsys.readouterr()

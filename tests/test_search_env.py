@@ -1,6 +1,8 @@
 """The search environment over every registered detector: budgets always met, normalised states, determinism."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -148,6 +150,36 @@ def test_two_stage_split_of_each_metric():
     assert Budget.parse(["bops=0.02"]).pruning_stage("bits", 4).as_dict() == pytest.approx({"bops": 1.0})
     with pytest.raises(UserError, match="stage split"):
         Budget.parse(["bops=0.02"]).pruning_stage("thirds", 8)
+
+
+def _head(model) -> str:
+    """The Detect head's module path as an --unprunable pattern."""
+    from ultralytics.nn.modules import Detect
+    return "^" + re.escape(next(n for n, m in model.named_modules() if isinstance(m, Detect))) + r"\."
+
+
+def test_unprunable_layers_keep_their_channels_but_stay_quantized(view):
+    """--unprunable HEAD: no episode prunes the head's channels, it is still quantized, and the policy applies."""
+    pattern = _head(view.model)
+    head = {n for n in view.layers if re.search(pattern, n)}
+    assert any(set(g.layers) & head for g in view.groups.values()), "the head must be prunable without the option"
+    kept = CompressibleView(create_detector(view.detector, 2), imgsz=IMGSZ, unprunable=[pattern])
+    assert not any(set(g.layers) & head for g in kept.groups.values())
+    assert set(kept.groups) < set(view.groups) and set(kept.quantizable) == set(view.quantizable)
+    env = CompressEnv(kept, importance_scores(kept, "l1"), Budget.parse(["size=0.1", "flops=0.5"]),
+                      lambda p: {"map50": 0.5, "map50_95": 0.3}, accuracy)
+    cand = _run(env, lambda t: np.array([0.8, 0.0, 0.0]))[2]  # prune everything it may, as far as it may
+    assert cand.meets_budget and cand.policy.groups and not set(cand.policy.groups) & {
+        g for g, grp in view.groups.items() if set(grp.layers) & head}
+    assert head & set(cand.policy.layers), "the unprunable head is still quantized"
+    cand.policy.validate(view)  # a compressed checkpoint rebuilds on the full view
+
+
+def test_unprunable_patterns_that_do_not_match_are_refused():
+    with pytest.raises(UserError, match="matches no conv layer"):
+        CompressibleView(create_detector("skynet", 2), imgsz=IMGSZ, unprunable=["model\\.99\\."])
+    with pytest.raises(UserError, match="not a regular expression"):
+        CompressibleView(create_detector("skynet", 2), imgsz=IMGSZ, unprunable=["model.(("])
 
 
 def test_impossible_budget_is_refused_before_any_evaluation(view):

@@ -23,7 +23,8 @@ def add_search(p: argparse.ArgumentParser) -> None:
                              "latency_runtime": choices.latency_runtimes, "stage_split": choices.stage_splits},
                     extra={"budget": {"action": "append", "type": None, "metavar": "NAME=FRACTION", "help": ChoicesHelp(
                         "NAME=FRACTION of the float model, NAME one of %(choices)s (repeatable), e.g. "
-                        "--budget size=0.125 --budget bops=0.02", choices.budget_metrics)}})
+                        "--budget size=0.125 --budget bops=0.02", choices.budget_metrics)},
+                           "unprunable": {"action": "append", "type": None, "metavar": "REGEX"}})
     p.add_argument("--resume", metavar="RUN_ID", help="continue a killed search (same parent MLflow run)")
     p.add_argument("--out", help="also write the best policy here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -36,10 +36,12 @@ class Workspace:
     grad_set: EvalSet | None = None
 
     @classmethod
-    def from_weights(cls, weights: str | Path, imgsz: int | None = None) -> Workspace:
+    def from_weights(cls, weights: str | Path, imgsz: int | None = None,
+                     unprunable: list[str] | None = None) -> Workspace:
+        """``unprunable``: regex patterns of conv layers whose output channels stay whole (see the view)."""
         model, meta = load_float_detector(weights)  # a compressed checkpoint is refused
         fp = fingerprint(model)  # before the view rewrites blocks (same weights, other names)
-        view = CompressibleView(model, imgsz=int(imgsz or meta.get("imgsz") or 640))
+        view = CompressibleView(model, imgsz=int(imgsz or meta.get("imgsz") or 640), unprunable=unprunable)
         return cls(view, meta, fp, {})
 
     def scores(self, criterion: str) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from ultralytics.nn.modules.block import Attention, Bottleneck, PSABlock
 from rsdet_compress.compress.blocks import make_prunable
 from rsdet_compress.compress.cost import kept_channels
 from rsdet_compress.compress.pruners import CUSTOM_PRUNERS
+from rsdet_compress.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -137,17 +138,37 @@ def _shapes(model: nn.Module, imgsz: int) -> dict[nn.Module, tuple[tuple[int, in
     return shapes
 
 
+def _matching_convs(model: nn.Module, patterns: list[str], flag: str) -> set[nn.Module]:
+    """Conv layers whose module path matches one of ``patterns`` (regex search); each must match one."""
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    found: set[nn.Module] = set()
+    for pattern in patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"{flag} {pattern!r}: not a regular expression ({e})") from None
+        hits = [m for n, m in convs.items() if rx.search(n)]
+        if not hits:
+            raise UserError(f"{flag} {pattern!r}: matches no conv layer of this detector "
+                            f"(its last ones: {', '.join(list(convs)[-3:])})")
+        found.update(hits)
+    return found
+
+
 class CompressibleView:
     """What can be compressed in a detector, by stable module paths.
 
     ``layers``: every conv (protected ones included, for costing);
     ``groups``: prunable channel groups; ``blocks``: skippable residual blocks;
-    ``protected``: layers never pruned or quantized (kept float).
+    ``protected``: layers never pruned or quantized (kept float);
+    ``unprunable`` (regex patterns on conv names, e.g. ``model\\.22\\.`` for a head): layers whose
+    output channels stay whole but may still be quantized, as torch-pruning's ``ignored_layers``.
     ``model`` is the detector with splitting blocks rewritten (see
     :func:`make_prunable`): the float reference every policy applies to.
     """
 
-    def __init__(self, model: nn.Module, imgsz: int = 640, protect: list[str] | None = None):
+    def __init__(self, model: nn.Module, imgsz: int = 640, protect: list[str] | None = None,
+                 unprunable: list[str] | None = None):
         self.detector = getattr(model, "detector_name", None)
         self.imgsz = imgsz
         was_training = model.training
@@ -162,6 +183,7 @@ class CompressibleView:
                                                            customized_pruners=CUSTOM_PRUNERS)
         # channels that stay whole but may still be quantized (e.g. SkyNet's reorg source)
         fixed = {model.get_submodule(n) for n in getattr(model, "unprunable_layers", ())}
+        fixed |= _matching_convs(model, list(unprunable or []), "--unprunable")
         self.groups: dict[str, ChannelGroup] = {}
         out_group, in_group = {}, {}
         for g in self.graph.get_all_groups(ignored_layers=list(protected | fixed), root_module_types=[nn.Conv2d]):

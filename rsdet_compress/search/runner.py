@@ -100,6 +100,9 @@ class SearchConfig:
     #: two-stage only: how its pruning stage's budget is taken from the whole (search.budget.STAGE_SPLITS); "bits":
     #: pruning cuts what quantization to w4 cannot, so at bops=0.02 both stages have a share to choose
     stage_split: str = "bits"
+    #: conv layers whose output channels the search never prunes, as regex patterns on module paths (repeatable, e.g.
+    #: "model\.11\." for SkyNet's head); they are still quantized. Empty: every group is the agents' to prune
+    unprunable: list[str] = field(default_factory=list)
     #: candidates evaluated at once, each by a Ray worker (1: in this process, exactly the sequential search;
     #: the agents then learn after each batch of this many)
     workers: int = 1
@@ -109,7 +112,7 @@ class SearchConfig:
 
 
 #: settings added after search checkpoints were first written, at the value that reproduces those checkpoints
-LEGACY_SETTINGS = {"uniform_start": False, "stage_split": "half"}
+LEGACY_SETTINGS = {"uniform_start": False, "stage_split": "half", "unprunable": []}
 
 
 @dataclass
@@ -150,6 +153,11 @@ def _check(cfg: SearchConfig) -> Budget:
         raise UserError(f"unknown --latency-runtime {cfg.latency_runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if cfg.stage_split not in STAGE_SPLITS:
         raise UserError(f"unknown --stage-split {cfg.stage_split!r}; choose one of {', '.join(STAGE_SPLITS)}")
+    for pattern in cfg.unprunable:  # whether each matches a layer is checked once the model is loaded
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"--unprunable {pattern!r}: not a regular expression ({e})") from None
     if cfg.latency_threads is not None and cfg.latency_threads < 1:
         raise UserError(f"--latency-threads must be >= 1, got {cfg.latency_threads}")
     if not cfg.weights or not Path(cfg.weights).is_file():
@@ -211,7 +219,7 @@ def search(config: SearchConfig | None = None, resume: str | None = None, progre
     uri = check_store(tracking_uri)
     torch.manual_seed(cfg.seed)
 
-    ws = Workspace.from_weights(cfg.weights)
+    ws = Workspace.from_weights(cfg.weights, unprunable=cfg.unprunable)
     check_classes(ws.meta, load_data_config(cfg.data).names, cfg.weights, cfg.data)
     evaluator = build_evaluator(asdict(cfg), ws)  # the workers build theirs the same way
     scores = ws.scores(cfg.criterion)
