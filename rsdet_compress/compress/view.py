@@ -138,15 +138,22 @@ def _shapes(model: nn.Module, imgsz: int) -> dict[nn.Module, tuple[tuple[int, in
     return shapes
 
 
+def layer_patterns(patterns: list[str], flag: str = "--unprunable") -> list[re.Pattern]:
+    """``patterns`` compiled; one that is not a regular expression is refused in one line naming ``flag``."""
+    out = []
+    for pattern in patterns:
+        try:
+            out.append(re.compile(pattern))
+        except re.error as e:
+            raise UserError(f"{flag} {pattern!r}: not a regular expression ({e})") from None
+    return out
+
+
 def _matching_convs(model: nn.Module, patterns: list[str], flag: str) -> set[nn.Module]:
     """Conv layers whose module path matches one of ``patterns`` (regex search); each must match one."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     found: set[nn.Module] = set()
-    for pattern in patterns:
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise UserError(f"{flag} {pattern!r}: not a regular expression ({e})") from None
+    for pattern, rx in zip(patterns, layer_patterns(patterns, flag)):
         hits = [m for n, m in convs.items() if rx.search(n)]
         if not hits:
             raise UserError(f"{flag} {pattern!r}: matches no conv layer of this detector "

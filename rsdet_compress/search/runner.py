@@ -22,6 +22,7 @@ from rsdet_compress.compress.compressor import Workspace
 from rsdet_compress.compress.cost import estimate
 from rsdet_compress.compress.importance import DEFAULT_CRITERION
 from rsdet_compress.compress.policy import Policy
+from rsdet_compress.compress.view import layer_patterns
 from rsdet_compress.data.config import load_data_config
 from rsdet_compress.detectors.checkpoint import check_classes
 from rsdet_compress.errors import UserError
@@ -153,11 +154,7 @@ def _check(cfg: SearchConfig) -> Budget:
         raise UserError(f"unknown --latency-runtime {cfg.latency_runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if cfg.stage_split not in STAGE_SPLITS:
         raise UserError(f"unknown --stage-split {cfg.stage_split!r}; choose one of {', '.join(STAGE_SPLITS)}")
-    for pattern in cfg.unprunable:  # whether each matches a layer is checked once the model is loaded
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise UserError(f"--unprunable {pattern!r}: not a regular expression ({e})") from None
+    layer_patterns(cfg.unprunable)  # whether each matches a layer is checked once the model is loaded
     if cfg.latency_threads is not None and cfg.latency_threads < 1:
         raise UserError(f"--latency-threads must be >= 1, got {cfg.latency_threads}")
     if not cfg.weights or not Path(cfg.weights).is_file():
