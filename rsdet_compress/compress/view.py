@@ -81,6 +81,17 @@ class SkippableBlock:
     layers: tuple[str, ...]
 
 
+def layer_patterns(patterns: list[str], flag: str = "--unprunable") -> list[re.Pattern]:
+    """``patterns`` compiled; one that is not a regular expression is refused in one line naming ``flag``."""
+    out = []
+    for pattern in patterns:
+        try:
+            out.append(re.compile(pattern))
+        except re.error as e:
+            raise UserError(f"{flag} {pattern!r}: not a regular expression ({e})") from None
+    return out
+
+
 def _protected_modules(model: nn.Module, extra: list[str]) -> set[nn.Module]:
     """Detect's final prediction convs, DFL, attention internals, plus user patterns (regex on names)."""
     keep: set[nn.Module] = set()
@@ -104,7 +115,7 @@ def _protected_modules(model: nn.Module, extra: list[str]) -> set[nn.Module]:
         for h in hooks:
             h.remove()
     keep.update(m for m in first if _conv_kind(m) == "depthwise")
-    patterns = [re.compile(p) for p in extra]
+    patterns = layer_patterns(extra, "protect")
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and any(p.search(name) for p in patterns):
             keep.add(m)
@@ -136,17 +147,6 @@ def _shapes(model: nn.Module, imgsz: int) -> dict[nn.Module, tuple[tuple[int, in
                                                                                      tuple(o.shape[-2:]))))
                   for m in model.modules() if isinstance(m, nn.Conv2d)], imgsz)
     return shapes
-
-
-def layer_patterns(patterns: list[str], flag: str = "--unprunable") -> list[re.Pattern]:
-    """``patterns`` compiled; one that is not a regular expression is refused in one line naming ``flag``."""
-    out = []
-    for pattern in patterns:
-        try:
-            out.append(re.compile(pattern))
-        except re.error as e:
-            raise UserError(f"{flag} {pattern!r}: not a regular expression ({e})") from None
-    return out
 
 
 def _matching_convs(model: nn.Module, patterns: list[str], flag: str) -> set[nn.Module]:
