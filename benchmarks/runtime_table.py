@@ -9,7 +9,8 @@ rows of its own file. Per detector (the config lists its files), one table: fp32
 with mAP50, its difference to fp32, batch-1 and batch-8 median / p90 ms, speed-up against fp32
 onnxruntime and against the NNCF/OpenVINO int8 peer, and the latency table's prediction error
 where the run checked it; then whether the target was met (the best of our rows that meets the
-accuracy bound, else the most accurate one, with how far it is). Writes
+accuracy bound, else the most accurate one, with how far it is) and the config's notes on the
+detector (what limits a bound it misses, with the results file that measured it). Writes
 benchmarks/results/<--out>.md.
 """
 from __future__ import annotations
@@ -78,7 +79,8 @@ def fmt(v: float | None, spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
-def section(title: str, stems: list[str], cfg: dict) -> list[str]:
+def section(title: str, stems: list[str], cfg: dict, notes: list[str] = ()) -> list[str]:
+    """A detector's table from its runs, the verdict, then the config's notes on it (what limits a missed bound)."""
     out, rows, missing = [f"## {title}", ""], [], []
     for stem in stems:
         path = RESULTS / f"{stem}.json"
@@ -103,6 +105,7 @@ def section(title: str, stems: list[str], cfg: dict) -> list[str]:
             fmt(None if r["prediction_error"] is None else 100 * r["prediction_error"], "+.1f", "%")]) + " |")
     out += ["", "- " + verdict(rows, cfg["target"])]
     out += [f"- not measured yet: {', '.join(missing)}"] if missing else []
+    out += [f"- {n}" for n in notes]
     return out + [""]
 
 
@@ -119,7 +122,7 @@ def main() -> None:
              "runtime_compare.py run (one idle machine, all rows interleaved).",
              f"`python benchmarks/runtime_table.py --config {Path(args.config).relative_to(HERE.parent)}`", ""]
     for spec in cfg["detectors"]:
-        lines += section(spec["title"], spec["stems"], cfg)
+        lines += section(spec["title"], spec["stems"], cfg, spec.get("notes", []))
     write_text(RESULTS / f"{args.out}.md", "\n".join(lines))
     print("\n".join(lines))
 

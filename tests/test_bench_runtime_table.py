@@ -56,3 +56,11 @@ def test_ratios_stay_inside_their_own_run(table, tmp_path):
     ours = [line for line in lines if "openvino-int8" in line and line.startswith("|")]
     assert len(ours) == 2 and all("| 1.60x |" in line for line in ours)
     assert "- not measured yet: absent" in lines
+
+
+def test_notes_follow_the_verdict(table, tmp_path):
+    # a missed bound's explanation sits under the verdict it explains, one bullet per note
+    (tmp_path / "r.json").write_text(json.dumps(run(0.485, 15.0)))
+    lines = table.section("det", ["r"], {"peer": PEER, "target": TARGET}, ["points: capacity, see limits.md"])
+    verdict = next(i for i, line in enumerate(lines) if line.startswith("- target missed (points)"))
+    assert lines[verdict + 1] == "- points: capacity, see limits.md"
