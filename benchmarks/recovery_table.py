@@ -131,6 +131,7 @@ def section(spec: dict, target_points: float) -> list[str]:
     absent = [k for k in spec.get("expect", []) if k not in best]
     if absent:
         out.append(f"- not measured yet: {', '.join(absent)}")
+    out += [f"- {n}" for n in spec.get("notes", [])]  # what limits a missed target, measured elsewhere
     out += ["", "Made by:", *[f"- `{c}`" for c in commands]]
     if missing_files:
         out += ["", "Not written yet:", *[f"- {m}" for m in missing_files]]
