@@ -122,3 +122,14 @@ def test_two_stage_split_keeps_the_ledgered_searches_made_before_it(bench, tmp_p
     assert kind("two-stage (uniform start, bits split) @ bops=0.02") == "two-stage"
     assert kind("two-stage (uniform start) @ bops=0.02") == "two-stage (half split)"
     assert kind("ajpq (uniform start) @ bops=0.02") == "ajpq"
+
+
+def test_a_sections_notes_follow_its_verdicts(bench):
+    # the committed SkyNet (a) section: its verdicts, then the note saying what limits it, before the commands
+    recovery_table = bench["recovery_table"]
+    config = yaml.safe_load((BENCH / "recovery_table.yaml").read_text())
+    spec = next(s for s in config["sections"] if s.get("notes") and s.get("target"))
+    lines = recovery_table.section(spec, config["target_points"])
+    last_verdict = max(i for i, line in enumerate(lines) if line.startswith("- best "))
+    assert lines[last_verdict + 1] == f"- {spec['notes'][0]}"
+    assert lines.index("Made by:") > last_verdict + 1
