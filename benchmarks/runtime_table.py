@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -79,7 +80,7 @@ def fmt(v: float | None, spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
-def section(title: str, stems: list[str], cfg: dict, notes: list[str] = ()) -> list[str]:
+def section(title: str, stems: list[str], cfg: dict, notes: Sequence[str] = ()) -> list[str]:
     """A detector's table from its runs, the verdict, then the config's notes on it (what limits a missed bound)."""
     out, rows, missing = [f"## {title}", ""], [], []
     for stem in stems:
